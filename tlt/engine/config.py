@@ -1,0 +1,81 @@
+"""EngineConfig: every engine knob in one validated object, named as SGLang's `ServerArgs`."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class EngineConfig:
+    """Settings fixed for an engine's life. Unknown names are rejected at construction."""
+
+    model_path: str | None = None  # HF folder (config.json + safetensors) or .gguf; None: embedded SmolLM2
+    tokenizer_path: str | None = None  # default: the model's own
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    context_length: int | None = None  # default: the model's max_position_embeddings
+    kv_cache_bytes: int | None = None  # KV budget in bytes; default from mem_fraction_static / RAM
+    mem_fraction_static: float = 0.85  # CUDA: fraction of free memory for weights + KV
+    max_running_requests: int = 256  # sequences decoded together at most
+    max_prefill_tokens: int = 8192  # padded tokens in one prefill batch (one longer prompt runs alone)
+    random_seed: int | None = None
+    weight_version: str = "default"
+    torch_num_threads: int | None = None  # CPU threads for torch; default: torch's choice
+    log_level: str = "warning"
+
+    def __post_init__(self) -> None:
+        if self.dtype != "auto" and self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be auto or one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.device == "auto":
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        dev = torch.device(self.device)
+        if dev.type not in ("cpu", "cuda"):
+            raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device cuda requested but CUDA is not available")
+        if self.context_length is not None and self.context_length < 2:
+            raise ValueError("context_length must be >= 2")
+        if self.kv_cache_bytes is not None and self.kv_cache_bytes <= 0:
+            raise ValueError("kv_cache_bytes must be > 0")
+        if not 0 < self.mem_fraction_static < 1:
+            raise ValueError("mem_fraction_static must be in (0, 1)")
+        if self.max_running_requests < 1:
+            raise ValueError("max_running_requests must be >= 1")
+        if self.max_prefill_tokens < 1:
+            raise ValueError("max_prefill_tokens must be >= 1")
+        if self.random_seed is None:
+            self.random_seed = int.from_bytes(os.urandom(4), "little")
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> EngineConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise TypeError(f"unknown engine argument(s) {unknown}; known: {sorted(known)}")
+        return cls(**kwargs)
+
+    def torch_dtype(self, model_dtype: torch.dtype | None) -> torch.dtype:
+        """The compute dtype: explicit, else the checkpoint's (float16/bfloat16/float32), else bfloat16."""
+        if self.dtype != "auto":
+            return _DTYPES[self.dtype]
+        if model_dtype in (torch.float16, torch.bfloat16, torch.float32):
+            return model_dtype
+        return torch.bfloat16
+
+    def default_kv_bytes(self, weight_bytes: int) -> int:
+        """KV budget when none is given: a fraction of device memory left after the weights."""
+        if self.kv_cache_bytes is not None:
+            return self.kv_cache_bytes
+        if torch.device(self.device).type == "cuda":
+            free, _ = torch.cuda.mem_get_info(torch.device(self.device))
+            return max(int(free * self.mem_fraction_static) - weight_bytes, 1 << 26)
+        try:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError):
+            total = 8 << 30
+        return min(total // 4, 8 << 30)

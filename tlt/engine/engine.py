@@ -1,0 +1,642 @@
+"""Engine: the public in-process API (SGLang's offline `Engine` shape) and the loop that drives it.
+
+The loop has no thread of its own: whoever waits for results drives it — `generate` steps the engine in
+the calling thread, `async_generate` runs a driver task on the caller's event loop. One lock makes every
+step, weight update, abort and flush atomic with respect to the others, so a weight update always lands
+between two forward passes.
+
+Why no background thread: on CPU, torch's OpenMP pool belongs to the thread that first uses it; a second
+thread doing the same work gets a second pool, and with few cores the two slow each other down by 2-3x
+(measured on this project's 2-core machines). Running the engine on the thread that also trains keeps
+one pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import logging
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import torch
+
+from tlt.engine.config import EngineConfig
+from tlt.engine.detokenize import Detokenizer
+from tlt.engine.kv_cache import KVCache
+from tlt.engine.models.decoder import DecoderLM
+from tlt.engine.models.model_config import ModelConfig
+from tlt.engine.models.weights import (
+    HFWeights,
+    WeightUpdateError,
+    iter_checkpoint,
+    load_hf_config,
+    resolve_checkpoint,
+)
+from tlt.engine.request import RequestGroup, Sequence, SeqStatus
+from tlt.engine.runner import ModelRunner
+from tlt.engine.sampling import apply_penalties, build_sampling_batch, sample, seeded_uniform
+from tlt.engine.sampling_params import SamplingParams, SamplingParamsError
+from tlt.engine.scheduler import Scheduler
+
+logger = logging.getLogger("tlt.engine")
+
+# SGLang `generate` arguments tlt accepts only when empty (clients send them as null / []).
+_UNSUPPORTED_GENERATE_ARGS = (
+    "image_data", "audio_data", "video_data", "input_embeds", "lora_path", "custom_logit_processor",
+    "token_ids_logprob", "return_hidden_states", "bootstrap_host", "bootstrap_port", "bootstrap_room",
+    "data_parallel_rank", "session_params",
+)
+
+
+class EngineError(RuntimeError):
+    """The engine cannot serve a request (shut down, memory released, internal failure)."""
+
+
+class Engine:
+    """An inference engine for Llama-family models with continuous batching.
+
+    `Engine()` with no model path serves the embedded SmolLM2-135M-Instruct. Keyword arguments are the
+    fields of `EngineConfig` (SGLang `ServerArgs` names).
+    """
+
+    def __init__(self, model_path: str | None = None, **kwargs: Any):
+        self.config = EngineConfig.from_kwargs(model_path=model_path, **kwargs)
+        cfg = self.config
+        logging.basicConfig(level=getattr(logging, cfg.log_level.upper(), logging.WARNING))
+        if cfg.torch_num_threads:
+            torch.set_num_threads(cfg.torch_num_threads)
+        self.device = torch.device(cfg.device)
+        t0 = time.perf_counter()
+        self.checkpoint_kind, self.checkpoint_path = resolve_checkpoint(cfg.model_path)
+        hf_config = load_hf_config(self.checkpoint_kind, self.checkpoint_path)
+        self.model_config = ModelConfig.from_hf(hf_config)
+        mc = self.model_config
+        self.dtype = cfg.torch_dtype(getattr(hf_config, "torch_dtype", None) or getattr(hf_config, "dtype", None))
+        self.context_length = cfg.context_length or mc.max_position_embeddings
+
+        with torch.device("meta"):
+            model = DecoderLM(mc, max_positions=self.context_length)
+        model = model.to_empty(device=self.device).to(self.dtype)
+        model.eval()
+        model.requires_grad_(False)
+        self.model = model
+        self.weights = HFWeights(model)
+        staged = self.weights.stage(iter_checkpoint(self.checkpoint_kind, self.checkpoint_path, hf_config),
+                                    require_all=True)
+        self.weights.commit(staged)
+        del staged
+        model.build_rope()
+        self.weight_version = cfg.weight_version
+
+        self.tokenizer = self._load_tokenizer()
+        self.detok = Detokenizer(self.tokenizer)
+        self.eos_token_ids = self._eos_ids(hf_config)
+
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        self.kv = KVCache(mc, self.dtype, self.device, cfg.default_kv_bytes(weight_bytes),
+                          cfg.max_running_requests, self.context_length)
+        self.runner = ModelRunner(model, self.kv, self.device)
+        self.scheduler = Scheduler(self.kv, cfg.max_prefill_tokens, self.context_length)
+        self.generator = torch.Generator(device="cpu").manual_seed(cfg.random_seed)
+        self.load_time = time.perf_counter() - t0
+
+        self.stats = {"num_prefill_batches": 0, "num_decode_steps": 0, "generated_tokens": 0, "prompt_tokens": 0,
+                      "finished_requests": 0, "aborted_requests": 0}
+        self._rid_counter = itertools.count()
+        self._lock = threading.RLock()
+        self._paused = False
+        self._released: set[str] = set()
+        self._stopped = False
+        self._async_drivers: dict[int, asyncio.Task] = {}
+
+    # ------------------------------------------------------------------ loading
+    def _load_tokenizer(self):
+        from transformers import AutoTokenizer
+
+        path = self.config.tokenizer_path
+        if path:
+            return AutoTokenizer.from_pretrained(path)
+        if self.checkpoint_kind == "gguf":
+            from tlt.engine.models.gguf_file import gguf_tokenizer
+
+            return gguf_tokenizer(self.checkpoint_path)
+        return AutoTokenizer.from_pretrained(self.checkpoint_path)
+
+    def _eos_ids(self, hf_config) -> set[int]:
+        ids = set(self.model_config.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        if self.checkpoint_kind == "hf":
+            try:
+                from transformers import GenerationConfig
+
+                gen = GenerationConfig.from_pretrained(self.checkpoint_path)
+                eos = gen.eos_token_id
+                ids.update(eos if isinstance(eos, list) else ([] if eos is None else [eos]))
+            except (OSError, ValueError):
+                pass
+        return ids
+
+    # ------------------------------------------------------------------ public API
+    def generate(
+        self,
+        prompt: str | list[str] | None = None,
+        sampling_params: dict | list[dict] | None = None,
+        input_ids: list[int] | list[list[int]] | None = None,
+        return_logprob: bool = False,
+        logprob_start_len: int | None = None,
+        top_logprobs_num: int | None = None,
+        return_text_in_logprobs: bool = False,
+        stream: bool = False,
+        rid: str | list[str] | None = None,
+        **kwargs: Any,
+    ) -> dict | list[dict] | Iterator[dict]:
+        """Generate for one prompt (returns a dict) or a batch (a list: n entries per prompt, in order).
+
+        With `stream=True` returns an iterator of output dicts whose `text` and `output_ids` hold
+        everything generated so far (one prompt, n=1).
+        """
+        groups, single = self._make_groups(prompt, input_ids, sampling_params, return_logprob,
+                                           logprob_start_len, top_logprobs_num, return_text_in_logprobs,
+                                           stream, rid, kwargs)
+        if stream:
+            return self._stream_sync(groups)
+        self._submit(groups)
+        self._drive_until(lambda: all(g.finished for g in groups))
+        outs = [o for g in groups for o in g.outputs]
+        return outs[0] if single and len(outs) == 1 else outs
+
+    async def async_generate(self, prompt=None, sampling_params=None, input_ids=None, return_logprob=False,
+                             logprob_start_len=None, top_logprobs_num=None, return_text_in_logprobs=False,
+                             stream=False, rid=None, **kwargs):
+        """`generate` for asyncio: awaits the outputs, or (stream=True) returns an async iterator."""
+        groups, single = self._make_groups(prompt, input_ids, sampling_params, return_logprob,
+                                           logprob_start_len, top_logprobs_num, return_text_in_logprobs,
+                                           stream, rid, kwargs)
+        loop = asyncio.get_running_loop()
+        if stream:
+            return self._stream_async(groups, loop)
+        fut = loop.create_future()
+        remaining = [len(groups)]
+
+        def resolve():
+            remaining[0] -= 1
+            if remaining[0] == 0 and not fut.done():
+                fut.set_result(None)
+
+        def on_update(group, finished):
+            if finished:
+                loop.call_soon_threadsafe(resolve)
+
+        for g in groups:
+            g.on_update = on_update
+        self._submit(groups)
+        self._ensure_async_driver(loop)
+        await fut
+        outs = [o for g in groups for o in g.outputs]
+        return outs[0] if single and len(outs) == 1 else outs
+
+    def abort_request(self, rid: str | None = None, abort_all: bool = False) -> None:
+        """Abort one request by rid, or all; their rows are freed before the next forward pass."""
+        if rid is None and not abort_all:
+            raise ValueError("give a rid or abort_all=True")
+        self._call(lambda: self._abort(None if abort_all else rid, "aborted by request"))
+
+    def update_weights_from_tensor(self, named_tensors, weight_version: str | None = None,
+                                   flush_cache: bool = True) -> tuple[bool, str]:
+        """Replace some or all weights (HF names). Atomic: on any error nothing changes and it raises."""
+        if isinstance(named_tensors, dict):
+            named_tensors = list(named_tensors.items())
+        staged = self.weights.stage(named_tensors)  # validation happens here, off the loop thread
+        self._call(lambda: self._commit_weights(staged, weight_version))
+        return True, f"updated {len(staged)} tensors"
+
+    def update_weights_from_disk(self, model_path: str, weight_version: str | None = None,
+                                 load_format: str | None = None) -> tuple[bool, str]:
+        """Load every weight from a checkpoint (HF folder or GGUF). Atomic, as above."""
+        if load_format not in (None, "auto"):
+            raise WeightUpdateError(f"load_format {load_format!r} is not supported")
+        kind, path = resolve_checkpoint(model_path)
+        hf = load_hf_config(kind, path)
+        other = ModelConfig.from_hf(hf)
+        if (other.num_layers, other.hidden_size, other.vocab_size) != (
+            self.model_config.num_layers, self.model_config.hidden_size, self.model_config.vocab_size
+        ):
+            raise WeightUpdateError(f"checkpoint {model_path!r} has a different architecture")
+        staged = self.weights.stage(iter_checkpoint(kind, path, hf), require_all=True)
+        self._call(lambda: self._commit_weights(staged, weight_version))
+        return True, f"loaded {len(staged)} tensors from {model_path}"
+
+    def get_weights_by_name(self, name: str) -> torch.Tensor:
+        """A copy of one weight under its HF name."""
+        if name not in self.weights.map:
+            raise KeyError(f"unknown weight name {name!r}")
+        pname, lo, hi = self.weights.map[name]
+        return self.weights.params[pname].data[lo:hi].detach().clone()
+
+    def flush_cache(self) -> bool:
+        """Drop cached KV memory; only when no request is in flight (as SGLang). Returns success."""
+        return self._call(self._flush)
+
+    def pause_generation(self) -> None:
+        """Stop stepping (requests stay queued and keep their KV) until `continue_generation`."""
+        self._call(lambda: setattr(self, "_paused", True))
+
+    def continue_generation(self) -> None:
+        self._call(lambda: setattr(self, "_paused", False))
+
+    def get_model_info(self) -> dict:
+        mc = self.model_config
+        return {
+            "model_path": self.config.model_path or self.checkpoint_path,
+            "tokenizer_path": self.config.tokenizer_path or self.checkpoint_path,
+            "is_generation": True,
+            "model_type": mc.model_type,
+            "weight_version": self.weight_version,
+            "drafter_version": None,
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "device": str(self.device),
+            "context_length": self.context_length,
+            "vocab_size": mc.vocab_size,
+        }
+
+    def get_stats(self) -> dict:
+        return dict(self.stats, running=len(self.kv.owners), waiting=len(self.scheduler.waiting),
+                    kv_used_tokens=self.kv.used_tokens(), kv_capacity_tokens=self.kv.capacity_tokens,
+                    kv_allocated_bytes=self.kv.allocated_bytes())
+
+    def shutdown(self) -> None:
+        """Abort everything in flight and stop the loop thread."""
+        if self._stopped:
+            return
+        with self._lock:
+            self._abort(None, "engine shut down")
+            self._stopped = True
+            self.kv.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()
+
+    # ------------------------------------------------------------------ requests in
+    def _make_groups(self, prompt, input_ids, sampling_params, return_logprob, logprob_start_len,
+                     top_logprobs_num, return_text_in_logprobs, stream, rid, extra):
+        for key, value in extra.items():
+            if key not in _UNSUPPORTED_GENERATE_ARGS:
+                raise TypeError(f"generate() got an unknown argument {key!r}")
+            if value not in (None, [], "", {}, False):
+                raise SamplingParamsError(f"{key!r} is not supported by tlt")
+        if self._stopped:
+            raise EngineError("engine is shut down")
+        if self._released:
+            raise EngineError(f"memory is released ({sorted(self._released)}); resume it before generating")
+        if (prompt is None) == (input_ids is None):
+            raise ValueError("give exactly one of prompt (text) or input_ids")
+        if prompt is not None:
+            single = isinstance(prompt, str)
+            texts = [prompt] if single else list(prompt)
+            if not all(isinstance(t, str) for t in texts):
+                raise ValueError("prompt must be a string or a list of strings")
+            id_lists = [self.detok.encode(t) for t in texts]
+        else:
+            single = len(input_ids) == 0 or not isinstance(input_ids[0], (list, tuple))
+            id_lists = [list(input_ids)] if single else [list(x) for x in input_ids]
+        if not id_lists:
+            raise ValueError("empty batch")
+        B = len(id_lists)
+        per = lambda v, name: v if isinstance(v, list) else [v] * B  # noqa: E731
+        params_list = per(sampling_params, "sampling_params")
+        rids = per(rid, "rid")
+        if len(params_list) != B or len(rids) != B:
+            raise ValueError("sampling_params and rid lists must have one entry per prompt")
+        if stream and (B != 1):
+            raise ValueError("stream=True takes a single prompt")
+        vocab = self.model_config.vocab_size
+        groups = []
+        for ids, sp, r in zip(id_lists, params_list, rids):
+            if not ids:
+                raise ValueError("empty prompt: at least one token is needed")
+            if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+                raise ValueError("input_ids must be integers")
+            bad = [t for t in ids if t < 0 or t >= vocab]
+            if bad:
+                raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
+            if len(ids) >= self.context_length:
+                raise ValueError(f"prompt of {len(ids)} tokens does not fit the context length {self.context_length}")
+            params = SamplingParams.from_any(sp)
+            if stream and params.n != 1:
+                raise ValueError("stream=True takes n=1")
+            start = -1 if logprob_start_len is None else int(logprob_start_len)
+            if start >= len(ids):
+                raise ValueError(f"logprob_start_len {start} must be < the prompt length {len(ids)}")
+            if start < -1:
+                raise ValueError("logprob_start_len must be >= -1")
+            top_n = int(top_logprobs_num or 0)
+            if top_n < 0:
+                raise ValueError("top_logprobs_num must be >= 0")
+            g = RequestGroup(
+                rid=str(r) if r is not None else uuid.uuid4().hex,
+                prompt_ids=ids,
+                params=params,
+                max_new_tokens=min(params.max_new_tokens, self.context_length - len(ids)),
+                return_logprob=bool(return_logprob),
+                logprob_start_len=start if return_logprob else -1,
+                top_logprobs_num=top_n if return_logprob else 0,
+                return_text_in_logprobs=bool(return_text_in_logprobs),
+                stream=stream,
+                on_update=lambda g, f: None,
+            )
+            g.clipped = g.max_new_tokens < params.max_new_tokens
+            g.seqs = [Sequence(seq_id=g.rid if params.n == 1 else f"{g.rid}-{i}", group=g, sample_index=i)
+                      for i in range(params.n)]
+            g.outputs = []
+            if not self.scheduler.fits_ever(g):
+                raise ValueError(f"request needs more KV memory than the engine has "
+                                 f"(n={params.n}, {self.scheduler.reserve_len(g)} positions each)")
+            groups.append(g)
+        return groups, single
+
+    def _submit(self, groups: list[RequestGroup]) -> None:
+        with self._lock:
+            for g in groups:
+                if g.rid in self.scheduler.groups:
+                    g.rid = f"{g.rid}-{next(self._rid_counter)}"  # a live rid is never shared
+                self.scheduler.add(g)
+
+    def _stream_sync(self, groups) -> Iterator[dict]:
+        pending: list[tuple[dict, bool]] = []
+        groups[0].on_update = lambda g, finished: pending.append((dict(g.outputs[0]), finished))
+        self._submit(groups)
+
+        def it():
+            try:
+                while True:
+                    self._drive_until(lambda: bool(pending))
+                    out, finished = pending.pop(0)
+                    yield out
+                    if finished:
+                        return
+            finally:
+                if not groups[0].finished:
+                    self.abort_request(groups[0].rid)
+
+        return it()
+
+    async def _stream_async(self, groups, loop) -> AsyncIterator[dict]:
+        q: asyncio.Queue = asyncio.Queue()
+        groups[0].on_update = lambda g, finished: loop.call_soon_threadsafe(
+            q.put_nowait, (dict(g.outputs[0]), finished))
+        self._submit(groups)
+        self._ensure_async_driver(loop)
+        try:
+            while True:
+                out, finished = await q.get()
+                yield out
+                if finished:
+                    return
+        finally:
+            if not groups[0].finished:
+                self.abort_request(groups[0].rid)
+
+    # ------------------------------------------------------------------ loop thread
+    def _call(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` between two forward passes (under the engine lock) and return its result."""
+        if self._stopped:
+            raise EngineError("engine is shut down")
+        with self._lock:
+            return fn()
+
+    def step(self) -> bool:
+        """Run one engine step (a prefill batch or a decode round) if there is work; True if it ran."""
+        with self._lock:
+            if self._stopped or self._paused or not self.scheduler.has_work():
+                return False
+            try:
+                self._step()
+            except Exception as e:  # noqa: BLE001 - a failed step aborts its requests, not the engine
+                logger.exception("engine step failed")
+                self._abort(None, f"internal error: {type(e).__name__}: {e}")
+            return True
+
+    def _drive_until(self, done: Callable[[], bool]) -> None:
+        """Step in the calling thread until `done()`; wait politely while paused or another thread steps."""
+        while not done():
+            if self._stopped:
+                raise EngineError("engine is shut down")
+            if not self.step():
+                if done():
+                    return
+                time.sleep(0.005)  # paused, or another driver holds the work
+
+    def _ensure_async_driver(self, loop: asyncio.AbstractEventLoop) -> None:
+        task = self._async_drivers.get(id(loop))
+        if task is None or task.done():
+            self._async_drivers[id(loop)] = loop.create_task(self._async_drive())
+
+    async def _async_drive(self) -> None:
+        """Step the engine on the event loop, yielding to other tasks between steps."""
+        while not self._stopped:
+            if not self.step():
+                if not self.scheduler.has_work():
+                    return
+                await asyncio.sleep(0.005)  # paused
+                continue
+            await asyncio.sleep(0)
+
+    def _commit_weights(self, staged, weight_version: str | None) -> None:
+        self.weights.commit(staged)
+        if weight_version is not None:
+            self.weight_version = str(weight_version)
+
+    def _flush(self) -> bool:
+        if self.scheduler.has_work():
+            return False
+        self.kv.clear()
+        return True
+
+    def _abort(self, rid: str | None, message: str) -> None:
+        for g in self.scheduler.abort(rid, message):
+            self.stats["aborted_requests"] += 1
+            self._publish(g, finished=True)
+
+    # ------------------------------------------------------------------ one step
+    def _step(self) -> None:
+        groups = self.scheduler.admit()
+        if groups:
+            self._prefill(groups)
+        elif self.scheduler.running:
+            self._decode()
+
+    def _prefill(self, groups: list[RequestGroup]) -> None:
+        row_start = groups[0].seqs[0].row
+        hidden, _ = self.runner.prefill([g.prompt_ids for g in groups], row_start)  # [B, T, H]
+        self.stats["num_prefill_batches"] += 1
+        lens = torch.tensor([len(g.prompt_ids) for g in groups], device=self.device)
+        last = hidden[torch.arange(len(groups), device=self.device), lens - 1]  # [B, H]
+        logits = self.runner.logits(last)  # [B, V]
+        for i, g in enumerate(groups):
+            self.stats["prompt_tokens"] += len(g.prompt_ids)
+            if g.logprob_start_len >= 0:
+                self._prompt_logprobs(g, hidden[i])
+        seqs, rows = [], []
+        for i, g in enumerate(groups):
+            if g.max_new_tokens == 0:  # prefill only (prompt logprobs)
+                for s in g.seqs:
+                    if s.row >= 0:
+                        self.scheduler.finish(s, {"type": "length", "length": 0})
+                    else:
+                        s.status, s.finish_reason = SeqStatus.FINISHED, {"type": "length", "length": 0}
+                self.scheduler.groups.pop(g.rid, None)
+                self._publish(g, finished=True)
+                continue
+            self.scheduler.fork_siblings(g)
+            seqs.extend(g.seqs)
+            rows.extend([i] * len(g.seqs))
+        if seqs:
+            self._sample_and_append(seqs, logits[torch.tensor(rows, device=self.device)])
+
+    def _decode(self) -> None:
+        seqs = list(self.scheduler.running)
+        hidden, _ = self.runner.decode([s.output_ids[-1] for s in seqs], [s.total_len - 1 for s in seqs])
+        self.stats["num_decode_steps"] += 1
+        self._sample_and_append(seqs, self.runner.logits(hidden[:, 0]))
+
+    def _prompt_logprobs(self, g: RequestGroup, hidden: torch.Tensor) -> None:
+        """input_token_logprobs for prompt positions [start, L): position 0 has no context -> None."""
+        L, start = len(g.prompt_ids), g.logprob_start_len
+        first = max(start, 1)
+        logits = self.runner.logits(hidden[first - 1 : L - 1])  # [L - first, V]
+        t = g.params.temperature
+        if not g.params.greedy and t > 0:
+            logits = logits / t
+        lp = torch.log_softmax(logits, dim=-1)
+        ids = torch.tensor(g.prompt_ids[first:], device=self.device)
+        chosen = lp.gather(1, ids.unsqueeze(1)).squeeze(1).tolist()
+        g.input_logprobs = ([None] if start == 0 else []) + chosen
+        if g.top_logprobs_num:
+            v, i = lp.topk(g.top_logprobs_num, dim=-1)
+            tops = [list(zip(a, b)) for a, b in zip(v.tolist(), i.tolist())]
+            g.input_top_logprobs = ([None] if start == 0 else []) + tops
+
+    def _sample_and_append(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        """Sample one token per sequence from logits [B, V] and apply stop rules."""
+        params = [s.params for s in seqs]
+        pen_rows = [i for i, p in enumerate(params) if p.has_penalties]
+        if pen_rows:
+            apply_penalties(logits, pen_rows, [s.output_ids for s in seqs], [s.prompt_ids for s in seqs], params)
+        for i, s in enumerate(seqs):
+            p = s.params
+            if len(s.output_ids) < p.min_new_tokens:
+                banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(self.eos_token_ids))
+                if banned:
+                    logits[i, banned] = float("-inf")
+        sb = build_sampling_batch(params, self.model_config.vocab_size, self.device)
+        uniforms = torch.rand(len(seqs), generator=self.generator)
+        for i, s in enumerate(seqs):
+            if s.params.sampling_seed is not None:
+                uniforms[i] = seeded_uniform(s.params.sampling_seed, s.sample_index, len(s.output_ids))
+        tokens, logprobs = sample(logits, sb, uniforms.to(self.device))
+        token_list = tokens.tolist()
+        want_lp = [i for i, s in enumerate(seqs) if s.group.return_logprob]
+        chosen_lp: dict[int, float] = {}
+        tops: dict[int, list] = {}
+        if want_lp:
+            idx = torch.tensor(want_lp, device=self.device)
+            vals = logprobs[idx].gather(1, tokens[idx].unsqueeze(1)).squeeze(1).tolist()
+            chosen_lp = dict(zip(want_lp, vals))
+            k = max(seqs[i].group.top_logprobs_num for i in want_lp)
+            if k:
+                v, ix = logprobs[idx].topk(k, dim=-1)
+                for j, i in enumerate(want_lp):
+                    n = seqs[i].group.top_logprobs_num
+                    tops[i] = list(zip(v[j, :n].tolist(), ix[j, :n].tolist()))
+        finished: list[tuple[Sequence, dict]] = []
+        for i, (s, tok) in enumerate(zip(seqs, token_list)):
+            s.output_ids.append(tok)
+            if i in chosen_lp:
+                s.output_logprobs.append(chosen_lp[i])
+                if s.group.top_logprobs_num:
+                    s.output_top_logprobs.append(tops[i])
+            reason = self._check_finish(s, tok)
+            if reason is not None:
+                finished.append((s, reason))
+        self.stats["generated_tokens"] += len(seqs)
+        for s, reason in finished:
+            self.scheduler.finish(s, reason)
+        touched = {id(s.group): s.group for s in seqs}
+        for g in touched.values():
+            if g.finished:
+                self.stats["finished_requests"] += 1
+                self._publish(g, finished=True)
+            elif g.stream:
+                self._publish(g, finished=False)
+
+    def _check_finish(self, s: Sequence, tok: int) -> dict | None:
+        """SGLang's order: length, then stop token / EOS, then stop strings."""
+        p, g = s.params, s.group
+        if len(s.output_ids) >= g.max_new_tokens:
+            return {"type": "length", "length": g.max_new_tokens}
+        if tok in p.stop_token_ids or (not p.ignore_eos and tok in self.eos_token_ids):
+            return {"type": "stop", "matched": tok}
+        if p.stop:
+            m = self.detok.matched_stop(s.output_ids, p.stop, max(len(x) for x in p.stop))
+            if m is not None:
+                return {"type": "stop", "matched": m}
+        return None
+
+    # ------------------------------------------------------------------ outputs
+    def _publish(self, g: RequestGroup, finished: bool) -> None:
+        g.outputs = [self._output(s) for s in g.seqs]
+        try:
+            g.on_update(g, finished)
+        except Exception:  # noqa: BLE001 - a consumer's failure must not stop the engine
+            logger.exception("output callback failed")
+
+    def _output(self, s: Sequence) -> dict:
+        g, p = s.group, s.params
+        ids = s.output_ids
+        reason = s.finish_reason
+        text_ids = ids
+        if reason and reason.get("type") == "stop" and isinstance(reason.get("matched"), int) and not p.no_stop_trim:
+            text_ids = ids[:-1]
+        text = self.detok.decode(text_ids, p.skip_special_tokens, p.spaces_between_special_tokens)
+        if reason and isinstance(reason.get("matched"), str) and not p.no_stop_trim:
+            pos = text.find(reason["matched"])
+            if pos >= 0:
+                text = text[:pos]
+        meta: dict[str, Any] = {
+            "id": s.seq_id,
+            "prompt_tokens": len(g.prompt_ids),
+            "completion_tokens": len(ids),
+            "cached_tokens": 0,
+            "finish_reason": reason,
+            "e2e_latency": time.perf_counter() - g.created,
+            "weight_version": self.weight_version,
+        }
+        if g.return_logprob:
+            texts = g.return_text_in_logprobs
+            meta["output_token_logprobs"] = self._lp_tuples(s.output_logprobs, ids, texts)
+            start = g.logprob_start_len
+            prompt_part = g.prompt_ids[start:] if start >= 0 else []
+            meta["input_token_logprobs"] = self._lp_tuples(g.input_logprobs, prompt_part, texts)
+            if g.top_logprobs_num:
+                meta["output_top_logprobs"] = [self._top_tuples(t, texts) for t in s.output_top_logprobs]
+                meta["input_top_logprobs"] = [self._top_tuples(t, texts) for t in g.input_top_logprobs]
+        return {"text": text, "output_ids": list(ids), "meta_info": meta}
+
+    def _lp_tuples(self, lps, ids, with_text: bool) -> list[tuple]:
+        texts = self.detok.token_texts(list(ids)) if with_text else [None] * len(ids)
+        return [(lp, t, x) for lp, t, x in zip(lps, ids, texts)]
+
+    def _top_tuples(self, top, with_text: bool):
+        if top is None:
+            return None
+        texts = self.detok.token_texts([t for _, t in top]) if with_text else [None] * len(top)
+        return [(lp, t, x) for (lp, t), x in zip(top, texts)]

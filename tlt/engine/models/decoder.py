@@ -1,0 +1,160 @@
+"""Llama-family decoder (Llama 2/3, SmolLM2, Qwen2/2.5, Qwen3) with an in-place KV cache.
+
+q/k/v and gate/up are fused into one matmul each (fewer kernel launches per layer); the mapping to and
+from the HF checkpoint names lives in `hf_weight_map`, so that everything outside this module speaks HF
+names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tlt.engine.models.model_config import ModelConfig
+from tlt.engine.models.rope import RotaryTable, apply_rotary
+
+
+@dataclass
+class AttentionBatch:
+    """Where one forward pass reads and writes the KV cache.
+
+    The batch occupies cache rows [row_start, row_start + B). Query token t of row b sits at position
+    `positions[b, t]`; its K/V are written there. `mask[b, 0, t, j]` says whether that query may attend to
+    cache position j < `kv_len` (causal + padding, or a tree mask for speculative verification).
+    """
+
+    row_start: int
+    positions: torch.Tensor  # [B, T] int64
+    mask: torch.Tensor  # [B, 1, T, kv_len] bool
+    kv_len: int
+    write_rows: torch.Tensor  # [B, T] int64, absolute cache rows (broadcast of row ids)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in float32 as transformers does."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm attention + SwiGLU MLP, GQA, optional qkv bias (Qwen2) and q/k norm (Qwen3)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_size = cfg.num_heads * cfg.head_dim
+        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.qkv = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.gate_up = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.intermediate = cfg.intermediate_size
+
+    def forward(self, x, cos, sin, k_cache, v_cache, batch: AttentionBatch):
+        B, T, _ = x.shape
+        h = self.input_norm(x)
+        q, k, v = self.qkv(h).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(B, T, self.num_heads, self.head_dim)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        # cache layout [rows, kv_heads, max_len, head_dim]: a batch's keys are a strided view, no gather.
+        k_cache[batch.write_rows, :, batch.positions] = k
+        v_cache[batch.write_rows, :, batch.positions] = v
+        rows = slice(batch.row_start, batch.row_start + B)
+        keys = k_cache[rows, :, : batch.kv_len]  # [B, kv_heads, L, D]
+        values = v_cache[rows, :, : batch.kv_len]
+        attn = F.scaled_dot_product_attention(
+            q.transpose(1, 2), keys, values, attn_mask=batch.mask, enable_gqa=True
+        )  # [B, heads, T, D]
+        x = x + self.o_proj(attn.transpose(1, 2).reshape(B, T, self.q_size))
+        gate, up = self.gate_up(self.post_norm(x)).split(self.intermediate, dim=-1)
+        return x + self.down(F.silu(gate) * up)
+
+
+class DecoderLM(nn.Module):
+    """The whole causal LM. `forward` returns final-norm hidden states; `logits` applies the head."""
+
+    def __init__(self, cfg: ModelConfig, max_positions: int):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.max_positions = max_positions
+        self.rope: RotaryTable | None = None
+
+    def build_rope(self) -> None:
+        """(Re)build the cos/sin tables on the module's device and dtype."""
+        w = self.embed.weight
+        c = self.cfg
+        self.rope = RotaryTable(c.head_dim, c.rope_theta, c.rope_scaling, self.max_positions, w.device, w.dtype)
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+
+    def forward(self, input_ids, batch: AttentionBatch, k_caches, v_caches, capture_layers=()):
+        """input_ids [B, T] -> hidden [B, T, hidden] (after the final norm).
+
+        `capture_layers`: indices of layers whose *output* hidden states are also returned (for the
+        drafter), as a list in the same order.
+        """
+        cos, sin = self.rope.lookup(batch.positions)
+        x = self.embed(input_ids)
+        captured = []
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, k_caches[i], v_caches[i], batch)
+            if i in capture_layers:
+                captured.append(x)
+        return self.norm(x), captured
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[..., hidden] -> float32 logits [..., vocab]."""
+        return F.linear(hidden, self.head_weight).float()
+
+
+def hf_weight_map(cfg: ModelConfig) -> dict[str, tuple[str, int, int]]:
+    """HF checkpoint name -> (engine parameter name, first row, end row) of the slice it fills."""
+    q, kv, inter = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
+    out: dict[str, tuple[str, int, int]] = {
+        "model.embed_tokens.weight": ("embed.weight", 0, cfg.vocab_size),
+        "model.norm.weight": ("norm.weight", 0, cfg.hidden_size),
+    }
+    if not cfg.tie_word_embeddings:
+        out["lm_head.weight"] = ("lm_head.weight", 0, cfg.vocab_size)
+    for i in range(cfg.num_layers):
+        hf, me = f"model.layers.{i}.", f"layers.{i}."
+        out[hf + "input_layernorm.weight"] = (me + "input_norm.weight", 0, cfg.hidden_size)
+        out[hf + "post_attention_layernorm.weight"] = (me + "post_norm.weight", 0, cfg.hidden_size)
+        for kind in (["weight", "bias"] if cfg.attention_bias else ["weight"]):
+            out[hf + f"self_attn.q_proj.{kind}"] = (me + f"qkv.{kind}", 0, q)
+            out[hf + f"self_attn.k_proj.{kind}"] = (me + f"qkv.{kind}", q, q + kv)
+            out[hf + f"self_attn.v_proj.{kind}"] = (me + f"qkv.{kind}", q + kv, q + 2 * kv)
+        out[hf + "self_attn.o_proj.weight"] = (me + "o_proj.weight", 0, cfg.hidden_size)
+        if cfg.qk_norm:
+            out[hf + "self_attn.q_norm.weight"] = (me + "q_norm.weight", 0, cfg.head_dim)
+            out[hf + "self_attn.k_norm.weight"] = (me + "k_norm.weight", 0, cfg.head_dim)
+        out[hf + "mlp.gate_proj.weight"] = (me + "gate_up.weight", 0, inter)
+        out[hf + "mlp.up_proj.weight"] = (me + "gate_up.weight", inter, 2 * inter)
+        out[hf + "mlp.down_proj.weight"] = (me + "down.weight", 0, cfg.hidden_size)
+    return out

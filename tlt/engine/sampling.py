@@ -1,0 +1,130 @@
+"""From logits to tokens: penalties, temperature, top-k/top-p/min-p, seeded draws, log-probabilities.
+
+Every draw is an inverse-CDF lookup of one uniform number over the warped distribution in vocabulary
+order. The uniform comes from the engine's generator, or — when a request carries `sampling_seed` — from
+a counter-based hash of (seed, sample index, output position). The second makes a sampled token a pure
+function of the target's distribution at that position, which is what lets speculative decoding
+reproduce non-speculative samples token for token.
+
+Log-probabilities (as SGLang) are those of the distribution after penalties and temperature, before
+top-k/top-p/min-p truncation; with temperature 0 they are the raw model's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def seeded_uniform(seed: int, sample_index: int, position: int) -> float:
+    """A uniform number in [0, 1) that depends only on (seed, sample index, output position)."""
+    h = _splitmix64(seed & _MASK64)
+    h = _splitmix64(h ^ (sample_index & _MASK64))
+    h = _splitmix64(h ^ (position & _MASK64))
+    return (h >> 11) * (1.0 / (1 << 53))
+
+
+@dataclass
+class SamplingBatch:
+    """Per-row sampling settings of one batch, as tensors (built once per step)."""
+
+    temperature: torch.Tensor  # [B] float32, 0 for greedy rows
+    top_k: torch.Tensor  # [B] int64, vocab size for "all"
+    top_p: torch.Tensor  # [B] float32
+    min_p: torch.Tensor  # [B] float32
+    greedy: torch.Tensor  # [B] bool
+    all_greedy: bool
+    needs_truncation: bool  # some row has top-k / top-p / min-p
+
+
+def build_sampling_batch(params_list, vocab_size: int, device) -> SamplingBatch:
+    """Collect the per-row settings of `params_list` (SamplingParams) into tensors."""
+    greedy = [p.greedy for p in params_list]
+    temps = [0.0 if g else float(p.temperature) for p, g in zip(params_list, greedy)]
+    top_k = [vocab_size if (p.top_k == -1 or p.top_k >= vocab_size) else p.top_k for p in params_list]
+    top_p = [float(p.top_p) for p in params_list]
+    min_p = [float(p.min_p) for p in params_list]
+    needs = any(not g and (k < vocab_size or tp < 1.0 or mp > 0.0)
+                for g, k, tp, mp in zip(greedy, top_k, top_p, min_p))
+    return SamplingBatch(
+        temperature=torch.tensor(temps, dtype=torch.float32, device=device),
+        top_k=torch.tensor(top_k, dtype=torch.int64, device=device),
+        top_p=torch.tensor(top_p, dtype=torch.float32, device=device),
+        min_p=torch.tensor(min_p, dtype=torch.float32, device=device),
+        greedy=torch.tensor(greedy, dtype=torch.bool, device=device),
+        all_greedy=all(greedy),
+        needs_truncation=needs,
+    )
+
+
+def apply_penalties(logits: torch.Tensor, rows: list[int], output_ids: list[list[int]],
+                    prompt_ids: list[list[int]], params_list) -> None:
+    """In place on logits [B, V] for the given rows: repetition (prompt + output, multiplicative, as
+    SGLang and HF), frequency and presence (output only, additive, as SGLang/OpenAI)."""
+    V = logits.shape[-1]
+    for r in rows:
+        p = params_list[r]
+        out = torch.tensor(output_ids[r], dtype=torch.int64, device=logits.device)
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(prompt_ids[r] + output_ids[r], dtype=torch.int64, device=logits.device).unique()
+            vals = logits[r, seen]
+            logits[r, seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        if (p.frequency_penalty != 0 or p.presence_penalty != 0) and out.numel():
+            counts = torch.zeros(V, dtype=torch.float32, device=logits.device)
+            counts.scatter_add_(0, out, torch.ones_like(out, dtype=torch.float32))
+            logits[r] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
+
+
+def scaled_logits(logits: torch.Tensor, sb: SamplingBatch) -> torch.Tensor:
+    """Logits divided by temperature (greedy rows unchanged). [B, V] -> [B, V]."""
+    if sb.all_greedy:
+        return logits
+    t = torch.where(sb.greedy, torch.ones_like(sb.temperature), sb.temperature)
+    return logits / t.unsqueeze(-1)
+
+
+def warped_probs(scaled: torch.Tensor, sb: SamplingBatch) -> torch.Tensor:
+    """Probabilities after top-k, top-p and min-p (unnormalised: zeros outside the kept set). [B, V]."""
+    probs = torch.softmax(scaled, dim=-1)
+    if not sb.needs_truncation:
+        return probs
+    # Kept set (as SGLang): rank < k, and mass of strictly more probable tokens < top_p, and
+    # p >= min_p * p_max. Sorted once; a stable sort keeps ties in vocabulary order.
+    sorted_p, order = probs.sort(dim=-1, descending=True, stable=True)
+    before = sorted_p.cumsum(dim=-1) - sorted_p
+    ranks = torch.arange(probs.shape[-1], device=probs.device).unsqueeze(0)
+    top_p = sb.top_p.unsqueeze(-1)
+    keep = (ranks < sb.top_k.unsqueeze(-1)) & ((before < top_p) | (top_p >= 1.0))
+    keep &= sorted_p >= sb.min_p.unsqueeze(-1) * sorted_p[:, :1]
+    keep[:, 0] = True
+    keep_vocab = torch.zeros_like(keep).scatter_(1, order, keep)
+    return probs * keep_vocab
+
+
+def inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Draw one token per row: the first id whose cumulative (unnormalised) mass exceeds u * total."""
+    cdf = probs.cumsum(dim=-1)  # [B, V]
+    target = uniforms.unsqueeze(-1) * cdf[:, -1:]
+    idx = torch.searchsorted(cdf, target, right=True).squeeze(-1)
+    return idx.clamp_(max=probs.shape[-1] - 1)
+
+
+def sample(logits: torch.Tensor, sb: SamplingBatch, uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [B, V] (penalties applied) -> (tokens [B], logprobs [B, V] of the temperature-scaled dist)."""
+    scaled = scaled_logits(logits, sb)
+    logprobs = torch.log_softmax(scaled, dim=-1)
+    greedy_tok = logits.argmax(dim=-1)
+    if sb.all_greedy:
+        return greedy_tok, logprobs
+    drawn = inverse_cdf(warped_probs(scaled, sb), uniforms)
+    return torch.where(sb.greedy, greedy_tok, drawn), logprobs
