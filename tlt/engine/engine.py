@@ -91,6 +91,7 @@ class Engine:
         self.weights.commit(staged)
         del staged
         model.build_rope()
+        model.pack_weights()
         self.weight_version = cfg.weight_version
 
         self.tokenizer = self._load_tokenizer()
@@ -452,6 +453,7 @@ class Engine:
 
     def _commit_weights(self, staged, weight_version: str | None) -> None:
         self.weights.commit(staged)
+        self.model.pack_weights()
         if weight_version is not None:
             self.weight_version = str(weight_version)
 

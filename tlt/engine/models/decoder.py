@@ -33,6 +33,33 @@ class AttentionBatch:
     write_rows: torch.Tensor  # [B, T] int64, absolute cache rows (broadcast of row ids)
 
 
+def cpu_packing_supported(dtype: torch.dtype, device: torch.device) -> bool:
+    """oneDNN can pre-pack bf16/fp16 weights on CPU; its GEMV is ~2x faster than the plain path."""
+    return (
+        device.type == "cpu"
+        and dtype in (torch.bfloat16, torch.float16)
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    )
+
+
+class Linear(nn.Linear):
+    """nn.Linear that can use a oneDNN pre-packed copy of its weight (CPU, bf16/fp16).
+
+    The parameter stays the source of truth (HF names, weight updates); `pack()` refreshes the copy.
+    """
+
+    packed: torch.Tensor | None = None
+
+    def pack(self, enabled: bool) -> None:
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach()) if enabled else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square norm, computed in float32 as transformers does."""
 
@@ -57,13 +84,13 @@ class DecoderLayer(nn.Module):
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.qkv = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
+        self.qkv = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=False)
         self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.gate_up = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
         self.intermediate = cfg.intermediate_size
 
     def forward(self, x, cos, sin, k_cache, v_cache, batch: AttentionBatch):
@@ -100,6 +127,7 @@ class DecoderLM(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.head_packed: torch.Tensor | None = None
         self.max_positions = max_positions
         self.rope: RotaryTable | None = None
 
@@ -108,6 +136,15 @@ class DecoderLM(nn.Module):
         w = self.embed.weight
         c = self.cfg
         self.rope = RotaryTable(c.head_dim, c.rope_theta, c.rope_scaling, self.max_positions, w.device, w.dtype)
+
+    def pack_weights(self) -> None:
+        """(Re)build pre-packed weight copies where the device and dtype profit; call after any update."""
+        w = self.embed.weight
+        enabled = cpu_packing_supported(w.dtype, w.device)
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.pack(enabled)
+        self.head_packed = torch.ops.mkldnn._reorder_linear_weight(self.head_weight.detach()) if enabled else None
 
     @property
     def head_weight(self) -> torch.Tensor:
@@ -130,6 +167,8 @@ class DecoderLM(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[..., hidden] -> float32 logits [..., vocab]."""
+        if self.head_packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(hidden, self.head_packed, None, "none", [], "").float()
         return F.linear(hidden, self.head_weight).float()
 
 
