@@ -31,7 +31,9 @@ def seeded_uniform(seed: int, sample_index: int, position: int) -> float:
     h = _splitmix64(seed & _MASK64)
     h = _splitmix64(h ^ (sample_index & _MASK64))
     h = _splitmix64(h ^ (position & _MASK64))
-    return (h >> 11) * (1.0 / (1 << 53))
+    # 24 bits, not 53: the engine draws in float32, where a 53-bit value within 2**-25 of 1 rounds to 1.0,
+    # and u = 1.0 makes `inverse_cdf` clamp to the last vocabulary id even when its probability is 0.
+    return (h >> 40) * (1.0 / (1 << 24))
 
 
 @dataclass

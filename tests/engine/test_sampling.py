@@ -1,0 +1,320 @@
+"""tlt/engine/sampling.py: kept sets, penalties, the inverse-CDF draw and seeded uniforms, exactly.
+
+Kept-set thresholds are probed just either side of every boundary (so an off-by-one rank, `cumsum` in place
+of "mass strictly before", or `>` in place of `>=` fails). Distributions are checked with chi-square tests
+at p > 0.01, each with a companion check that the same counts reject a distribution off by a little.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from tlt.engine.sampling import (
+    apply_penalties,
+    build_sampling_batch,
+    inverse_cdf,
+    sample,
+    scaled_logits,
+    seeded_uniform,
+    warped_probs,
+)
+from tlt.engine.sampling_params import SamplingParams
+
+V = 12
+
+
+def params(**kw) -> SamplingParams:
+    p = SamplingParams(**kw)
+    p.validate()
+    return p
+
+
+def batch(*ps: SamplingParams, vocab: int = V):
+    return build_sampling_batch(list(ps), vocab, "cpu")
+
+
+def kept(logits: torch.Tensor, p: SamplingParams) -> set[int]:
+    """Token ids with non-zero warped probability, for one row."""
+    sb = batch(p, vocab=logits.shape[-1])
+    w = warped_probs(scaled_logits(logits.unsqueeze(0), sb), sb)[0]
+    return set(torch.nonzero(w).flatten().tolist())
+
+
+@pytest.fixture(scope="module")
+def row_logits() -> torch.Tensor:
+    """Distinct logits (no ties) in scrambled vocabulary order, so that rank != id."""
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(V, generator=g) * 1.5
+
+
+def sorted_view(logits: torch.Tensor, temperature: float = 1.0):
+    """(ids by descending probability, their float64 probabilities) of softmax(logits / T)."""
+    probs = torch.softmax(logits / temperature, dim=-1).double()
+    order = torch.argsort(probs, descending=True)
+    return order.tolist(), probs[order].numpy()
+
+
+# ---------------------------------------------------------------- kept sets
+def test_top_k_keeps_exactly_the_k_most_probable(row_logits):
+    order, _ = sorted_view(row_logits)
+    for k in range(2, V + 1):  # top_k = 1 is greedy (argmax), tested below
+        got = kept(row_logits, params(top_k=k))
+        assert got == set(order[:k]), k
+    # -1 and anything >= the vocabulary mean "all"
+    assert kept(row_logits, params(top_k=-1)) == set(range(V))
+    assert kept(row_logits, params(top_k=V + 5)) == set(range(V))
+
+
+def test_top_p_keeps_a_token_iff_the_mass_strictly_before_it_is_below_top_p(row_logits):
+    order, p = sorted_view(row_logits)
+    before = np.concatenate([[0.0], np.cumsum(p)[:-1]])  # mass of strictly more probable tokens
+    for j in range(1, V):
+        # Just above before[j]: token j is in (its predecessors' mass < top_p); just below: it is out.
+        for eps, n_kept in ((1e-4, j + 1), (-1e-4, j)):
+            top_p = float(before[j] + eps)
+            if not 0 < top_p <= 1:
+                continue
+            assert kept(row_logits, params(top_p=top_p)) == set(order[:n_kept]), (j, eps)
+    assert kept(row_logits, params(top_p=1.0)) == set(range(V))
+    # The most probable token is always kept, however small top_p is.
+    assert kept(row_logits, params(top_p=1e-6)) == {order[0]}
+
+
+def test_min_p_keeps_p_at_least_min_p_times_p_max(row_logits):
+    order, p = sorted_view(row_logits)
+    for j in range(1, V):
+        ratio = p[j] / p[0]
+        assert kept(row_logits, params(min_p=float(ratio * (1 - 1e-4)))) == set(order[: j + 1]), j
+        assert kept(row_logits, params(min_p=float(ratio * (1 + 1e-4)))) == set(order[:j]), j
+    assert kept(row_logits, params(min_p=0.0)) == set(range(V))
+    assert kept(row_logits, params(min_p=1.0)) == {order[0]}
+
+
+def test_min_p_is_relative_to_the_temperature_scaled_distribution(row_logits):
+    t = 0.6
+    order, p = sorted_view(row_logits, temperature=t)
+    j = 4
+    min_p = float((p[j] / p[0] + p[j + 1] / p[0]) / 2)  # between tokens j and j + 1 at temperature t
+    assert kept(row_logits, params(temperature=t, min_p=min_p)) == set(order[: j + 1])
+
+
+def test_combined_filters_keep_the_intersection():
+    """rank < k AND mass-before < top_p AND p >= min_p * p_max, on many random rows at midpoints."""
+    g = torch.Generator().manual_seed(1)
+    rng = np.random.default_rng(1)
+    rows, ps, expected = [], [], []
+    for _ in range(200):
+        logits = torch.randn(V, generator=g) * float(rng.uniform(0.3, 3.0))
+        t = float(rng.choice([0.5, 1.0, 1.7]))
+        order, p = sorted_view(logits, t)
+        cum = np.cumsum(p)
+        k = int(rng.integers(1, V + 1)) if rng.random() < 0.8 else -1
+        jp = int(rng.integers(0, V))  # top_p between cum[jp - 1] and cum[jp]: keeps jp + 1 tokens
+        top_p = float(min(1.0, (cum[jp] + (cum[jp - 1] if jp else 0.0)) / 2)) if rng.random() < 0.8 else 1.0
+        jm = int(rng.integers(0, V))  # min_p between p[jm + 1] and p[jm]: keeps jm + 1 tokens
+        nxt = p[jm + 1] if jm + 1 < V else 0.0
+        min_p = float((p[jm] + nxt) / 2 / p[0]) if rng.random() < 0.8 else 0.0
+        n_keep = min(k if k > 0 else V, jp + 1 if top_p < 1 else V, jm + 1 if min_p > 0 else V)
+        rows.append(logits)
+        ps.append(params(temperature=t, top_k=k, top_p=top_p, min_p=min_p))
+        expected.append(set(order[:n_keep]))
+    sb = batch(*ps)
+    w = warped_probs(scaled_logits(torch.stack(rows), sb), sb)
+    for i, exp in enumerate(expected):
+        assert set(torch.nonzero(w[i]).flatten().tolist()) == exp, (i, ps[i])
+
+
+def test_warped_probs_are_the_softmax_on_the_kept_set_and_zero_elsewhere(row_logits):
+    p = params(temperature=0.8, top_k=5, top_p=0.9)
+    sb = batch(p)
+    scaled = scaled_logits(row_logits.unsqueeze(0), sb)
+    w = warped_probs(scaled, sb)[0]
+    full = torch.softmax(row_logits / 0.8, dim=-1)
+    keep = w > 0
+    assert torch.equal(w[keep], full[keep])  # unnormalised: inverse_cdf scales by the kept total
+    assert torch.all(w[~keep] == 0)
+
+
+def test_ties_are_ranked_in_vocabulary_order():
+    logits = torch.tensor([0.0, 2.0, 1.0, 2.0, 2.0, 1.0])
+    assert kept(logits, params(top_k=2)) == {1, 3}
+    assert kept(logits, params(top_k=4)) == {1, 3, 4, 2}
+    # min_p = 1 keeps every token tied with the maximum
+    assert kept(logits, params(min_p=1.0)) == {1, 3, 4}
+
+
+def test_greedy_rows_ignore_truncation_and_temperature_in_a_mixed_batch(row_logits):
+    sb = batch(params(temperature=0.0, top_k=3), params(temperature=0.7, top_k=3),
+               params(top_k=1, temperature=2.0))
+    assert sb.greedy.tolist() == [True, False, True]
+    assert not sb.all_greedy and sb.needs_truncation
+    logits = torch.stack([row_logits, row_logits, row_logits.flip(0)])
+    toks, lps = sample(logits, sb, torch.tensor([0.999, 0.0, 0.5]))
+    assert toks[0].item() == row_logits.argmax().item()
+    assert toks[2].item() == row_logits.flip(0).argmax().item()
+    # Log-probabilities: after temperature for sampled rows, of the raw logits for greedy rows.
+    assert torch.equal(lps[0], torch.log_softmax(row_logits, -1))
+    assert torch.equal(lps[1], torch.log_softmax(row_logits / torch.tensor(0.7), -1))
+    assert torch.equal(lps[2], torch.log_softmax(row_logits.flip(0), -1))
+
+
+def test_build_sampling_batch_maps_top_k_all_to_the_vocabulary_size():
+    sb = batch(params(top_k=-1), params(top_k=V), params(top_k=V + 1), params(top_k=3))
+    assert sb.top_k.tolist() == [V, V, V, 3]
+    assert not batch(params(), params(temperature=0.5)).needs_truncation
+    assert not batch(params(temperature=0, top_p=0.5)).needs_truncation  # greedy rows never truncate
+    assert batch(params(min_p=0.1)).needs_truncation
+
+
+# ---------------------------------------------------------------- penalties
+def _pen_reference(logits: np.ndarray, prompt: list[int], output: list[int], rep: float, freq: float,
+                   pres: float) -> np.ndarray:
+    out = logits.astype(np.float32).copy()
+    for t in set(prompt) | set(output):  # repetition: prompt + output, each token once
+        v = out[t]
+        out[t] = v / np.float32(rep) if v > 0 else v * np.float32(rep)
+    for t in set(output):  # frequency / presence: output only
+        out[t] = out[t] - (np.float32(freq) * np.float32(output.count(t)) + np.float32(pres))
+    return out
+
+
+@pytest.mark.parametrize("rep,freq,pres", [(1.25, 0.0, 0.0), (1.0, 0.5, 0.0), (1.0, 0.0, 0.75),
+                                           (2.0, 0.25, 0.5), (0.5, -0.5, -1.0), (1.0, 0.0, 0.0)])
+def test_penalties_follow_the_exact_formulas(rep, freq, pres):
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(3, V, generator=g) * 2
+    logits[1, 4] = 0.0  # a zero logit stays zero under repetition
+    prompt = [[3, 4, 4, 5], [4, 9], [0]]
+    output = [[5, 5, 5, 7, 3], [4, 4, 11, 2, 2, 2, 2], []]
+    ps = [params(repetition_penalty=rep, frequency_penalty=freq, presence_penalty=pres)] * 3
+    got = logits.clone()
+    apply_penalties(got, [0, 1, 2], output, prompt, ps)
+    for r in range(3):
+        ref = _pen_reference(logits[r].numpy(), prompt[r], output[r], rep, freq, pres)
+        assert np.array_equal(got[r].numpy(), ref), r  # dyadic penalties: exact in float32
+
+
+def test_penalties_touch_only_the_listed_rows_and_only_seen_tokens():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, V, generator=g)
+    got = logits.clone()
+    ps = [params(repetition_penalty=1.3, frequency_penalty=0.7, presence_penalty=0.3)] * 2
+    apply_penalties(got, [1], [[1, 2], [6, 6]], [[0], [8]], ps)
+    assert torch.equal(got[0], logits[0])
+    changed = set(torch.nonzero(got[1] != logits[1]).flatten().tolist())
+    assert changed == {6, 8}
+    # token 8 is only in the prompt: repetition applies, frequency/presence do not
+    v8 = logits[1, 8].item()
+    assert got[1, 8].item() == pytest.approx(v8 / 1.3 if v8 > 0 else v8 * 1.3, rel=1e-6)
+    v6 = logits[1, 6].item()
+    v6 = v6 / 1.3 if v6 > 0 else v6 * 1.3
+    assert got[1, 6].item() == pytest.approx(v6 - 0.7 * 2 - 0.3, rel=1e-6)
+
+
+# ---------------------------------------------------------------- drawing
+def test_inverse_cdf_at_exact_boundaries():
+    probs = torch.tensor([[0.25, 0.0, 0.25, 0.5]])  # dyadic: the CDF is exact
+    draw = lambda u: inverse_cdf(probs, torch.tensor([u])).item()  # noqa: E731
+    assert draw(0.0) == 0
+    assert draw(0.2499) == 0
+    assert draw(0.25) == 2  # right-continuous: u on a boundary goes to the next token; id 1 has p = 0
+    assert draw(0.4999) == 2
+    assert draw(0.5) == 3
+    assert draw(float(np.nextafter(np.float32(1), np.float32(0)))) == 3
+    # Unnormalised input: u is scaled by the total mass.
+    assert inverse_cdf(probs * 3, torch.tensor([0.3])).item() == 2
+
+
+def test_inverse_cdf_never_draws_a_zero_probability_token():
+    probs = torch.tensor([[0.3, 0.7, 0.0, 0.0], [0.0, 0.0, 0.0, 1e-30]])
+    u = torch.tensor([0.0, 1e-9, 0.5, 0.9999, float(np.nextafter(np.float32(1), np.float32(0)))])
+    for row in range(2):
+        got = inverse_cdf(probs[row].expand(len(u), -1).contiguous(), u)
+        assert all(probs[row, t] > 0 for t in got.tolist()), (row, got)
+
+
+def _chi2_p(counts: np.ndarray, probs: np.ndarray) -> float:
+    keep = probs > 0
+    assert counts[~keep].sum() == 0, "drew a token outside the kept set"
+    return stats.chisquare(counts[keep], probs[keep] / probs[keep].sum() * counts.sum()).pvalue
+
+
+def test_inverse_cdf_samples_the_distribution_chi_square():
+    n = 40_000
+    probs = torch.tensor([0.02, 0.3, 0.0, 0.08, 0.15, 0.05, 0.25, 0.1, 0.05])
+    u = torch.rand(n, generator=torch.Generator().manual_seed(4))
+    toks = inverse_cdf(probs.expand(n, -1).contiguous(), u)
+    counts = np.bincount(toks.numpy(), minlength=len(probs))
+    assert _chi2_p(counts, probs.double().numpy()) > 0.01
+    # Power check: the same counts reject a distribution moved by 0.02 between two tokens.
+    off = probs.double().numpy().copy()
+    off[1] -= 0.02
+    off[3] += 0.02
+    assert _chi2_p(counts, off) < 0.01
+
+
+def test_sample_draws_from_the_warped_distribution_chi_square():
+    """Temperature, top-k, top-p and min-p together, end to end through `sample`."""
+    n = 60_000
+    logits = torch.tensor([2.0, 0.5, 1.5, -1.0, 1.0, 0.0, 1.2, -3.0, 0.8, 0.3, -0.5, 1.8])
+    t = 0.7
+
+    def expected(temp, k, top_p, min_p):
+        z = logits.double() / temp
+        p = torch.softmax(z, -1).numpy()
+        order = np.argsort(-p, kind="stable")
+        sp = p[order]
+        before = np.concatenate([[0.0], np.cumsum(sp)[:-1]])
+        keep_sorted = (np.arange(V) < k) & (before < top_p) & (sp >= min_p * sp[0])
+        keep = np.zeros(V, bool)
+        keep[order[keep_sorted]] = True
+        return np.where(keep, p, 0.0)
+
+    p = params(temperature=t, top_k=7, top_p=0.81, min_p=0.08)
+    sb = batch(*[p] * n)
+    u = torch.rand(n, generator=torch.Generator().manual_seed(5))
+    toks, _ = sample(logits.expand(n, -1).contiguous(), sb, u)
+    counts = np.bincount(toks.numpy(), minlength=V)
+    exp = expected(t, 7, 0.81, 0.08)
+    assert 2 <= (exp > 0).sum() < V  # the filters bite
+    assert _chi2_p(counts, exp) > 0.01
+    # Power check: temperature 0.75 instead of 0.7 (same kept set) is rejected.
+    wrong = expected(0.75, 7, 0.81, 0.08)
+    assert set(np.nonzero(wrong)[0]) == set(np.nonzero(exp)[0])
+    assert _chi2_p(counts, wrong) < 0.01
+
+
+# ---------------------------------------------------------------- seeded uniforms
+def test_seeded_uniform_is_a_pure_function_with_pinned_values():
+    assert seeded_uniform(1234, 1, 5) == seeded_uniform(1234, 1, 5)
+    # Pinned: changing the hash silently changes every seeded rollout.
+    assert seeded_uniform(0, 0, 0) == 0.13870936632156372
+    assert seeded_uniform(1234, 1, 5) == 0.963623046875
+    assert seeded_uniform(2**63 + 5, 7, 1000) == 0.4972180128097534
+
+
+def test_seeded_uniform_depends_on_each_argument():
+    base = seeded_uniform(7, 0, 0)
+    assert len({base, seeded_uniform(8, 0, 0), seeded_uniform(7, 1, 0), seeded_uniform(7, 0, 1)}) == 4
+    grid = {seeded_uniform(s, i, pos) for s in range(4) for i in range(4) for pos in range(64)}
+    assert len(grid) > 1000  # 1024 draws; a 24-bit value collides rarely
+
+
+def test_seeded_uniform_is_exact_in_float32_and_below_one():
+    """The engine draws in float32; a value that rounds to 1.0 there would pick the last id (p may be 0)."""
+    for pos in range(5000):
+        u = seeded_uniform(99, pos % 3, pos)
+        assert 0.0 <= u < 1.0
+        assert float(np.float32(u)) == u
+
+
+def test_seeded_uniform_is_uniform_ks():
+    us = np.array([seeded_uniform(11, i % 8, i // 8) for i in range(20_000)])
+    assert stats.kstest(us, "uniform").pvalue > 0.01
+    # and consecutive positions are not correlated
+    seq = np.array([seeded_uniform(12, 0, pos) for pos in range(20_000)])
+    r = np.corrcoef(seq[:-1], seq[1:])[0, 1]
+    assert abs(r) < 4 / np.sqrt(len(seq))  # |r| under 4 standard errors: p < 1e-4 by chance
