@@ -43,20 +43,35 @@ def cpu_packing_supported(dtype: torch.dtype, device: torch.device) -> bool:
     )
 
 
+@torch.library.custom_op("tlt::packed_linear", mutates_args=())
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ W^T (+ b) with a oneDNN pre-packed W; an opaque op, so torch.compile calls it as is."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+@packed_linear.register_fake
+def _(x, packed, bias):
+    return x.new_empty((*x.shape[:-1], packed.shape[0]))
+
+
 class Linear(nn.Linear):
     """nn.Linear that can use a oneDNN pre-packed copy of its weight (CPU, bf16/fp16).
 
     The parameter stays the source of truth (HF names, weight updates); `pack()` refreshes the copy.
     """
 
-    packed: torch.Tensor | None = None
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # A buffer, not a plain attribute: torch.compile then treats it as an input, so re-packing after
+        # a weight update does not recompile.
+        self.register_buffer("packed", None, persistent=False)
 
     def pack(self, enabled: bool) -> None:
         self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach()) if enabled else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+            return packed_linear(x, self.packed, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -69,10 +84,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        if x.dtype != torch.float32:
+            # One dispatch instead of eight; reduced-precision outputs are not compared bit for bit.
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x
 
 
 class DecoderLayer(nn.Module):
@@ -96,13 +112,14 @@ class DecoderLayer(nn.Module):
     def forward(self, x, cos, sin, k_cache, v_cache, batch: AttentionBatch):
         B, T, _ = x.shape
         h = self.input_norm(x)
-        q, k, v = self.qkv(h).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(B, T, self.num_heads, self.head_dim)
-        k = k.view(B, T, self.num_kv_heads, self.head_dim)
+        qk, v = self.qkv(h).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
+        qk = qk.view(B, T, self.num_heads + self.num_kv_heads, self.head_dim)
         v = v.view(B, T, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            q, k = qk.split([self.num_heads, self.num_kv_heads], dim=2)
+            qk = torch.cat([self.q_norm(q), self.k_norm(k)], dim=2)
+        # q and k rotated together: half the elementwise launches of doing them one by one.
+        q, k = apply_rotary(qk, cos, sin).split([self.num_heads, self.num_kv_heads], dim=2)
         # cache layout [rows, kv_heads, max_len, head_dim]: a batch's keys are a strided view, no gather.
         k_cache[batch.write_rows, :, batch.positions] = k
         v_cache[batch.write_rows, :, batch.positions] = v
@@ -127,7 +144,7 @@ class DecoderLM(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.head_packed: torch.Tensor | None = None
+        self.register_buffer("head_packed", None, persistent=False)
         self.max_positions = max_positions
         self.rope: RotaryTable | None = None
 
@@ -168,7 +185,7 @@ class DecoderLM(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[..., hidden] -> float32 logits [..., vocab]."""
         if self.head_packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(hidden, self.head_packed, None, "none", [], "").float()
+            return packed_linear(hidden, self.head_packed, None).float()
         return F.linear(hidden, self.head_weight).float()
 
 

@@ -1,0 +1,49 @@
+"""Shared benchmark helpers: prompts, JSON output, machine description."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+
+TOPICS = [
+    "the water cycle", "prime numbers", "how a bicycle works", "the history of tea", "black holes",
+    "photosynthesis", "the French revolution", "neural networks", "volcanoes", "the Roman empire",
+    "how vaccines work", "climate change", "the stock market", "quantum computing", "honey bees",
+    "the moon landing", "electric cars", "the printing press", "coral reefs", "the immune system",
+]
+STYLES = ["Explain", "Write a short story about", "List three facts about", "Describe"]
+
+
+def chat_prompts(tokenizer, n: int) -> list[list[int]]:
+    """n distinct chat-templated prompts, tokenized (deterministic)."""
+    out = []
+    for i in range(n):
+        q = f"{STYLES[i % len(STYLES)]} {TOPICS[i % len(TOPICS)]}" + ("" if i < len(TOPICS) else f" (part {i})")
+        text = tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                             add_generation_prompt=True)
+        out.append(tokenizer.encode(text))
+    return out
+
+
+def machine() -> dict:
+    import torch
+
+    return {
+        "date": time.strftime("%Y-%m-%d"),
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
+
+
+def write_json(path: str | None, data: dict) -> None:
+    text = json.dumps(data, indent=2)
+    print(text)
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            f.write(text + "\n")
