@@ -225,9 +225,13 @@ class Engine:
         kind, path = resolve_checkpoint(model_path)
         hf = load_hf_config(kind, path)
         other = ModelConfig.from_hf(hf)
-        if (other.num_layers, other.hidden_size, other.vocab_size) != (
-            self.model_config.num_layers, self.model_config.hidden_size, self.model_config.vocab_size
-        ):
+        # Every field that fixes how the tensors are read, not only their shapes: a checkpoint with another
+        # head split (or tied vs untied embeddings) can have tensors of identical shapes.
+        def layout(c: ModelConfig) -> tuple:
+            return (c.num_layers, c.hidden_size, c.vocab_size, c.intermediate_size, c.num_heads, c.num_kv_heads,
+                    c.head_dim, c.tie_word_embeddings, c.attention_bias, c.qk_norm)
+
+        if layout(other) != layout(self.model_config):
             raise WeightUpdateError(f"checkpoint {model_path!r} has a different architecture")
         staged = self.weights.stage(iter_checkpoint(kind, path, hf), require_all=True)
         self._call(lambda: self._commit_weights(staged, weight_version))
@@ -342,6 +346,12 @@ class Engine:
             top_n = int(top_logprobs_num or 0)
             if top_n < 0:
                 raise ValueError("top_logprobs_num must be >= 0")
+            # Checked here, not in the step: an out-of-range id or top-k there fails the whole batch.
+            if top_n > vocab:
+                raise ValueError(f"top_logprobs_num {top_n} exceeds the vocabulary size {vocab}")
+            bad = [t for t in params.stop_token_ids if t >= vocab]
+            if bad:
+                raise ValueError(f"stop_token_ids: {bad[0]} is outside the vocabulary [0, {vocab})")
             g = RequestGroup(
                 rid=str(r) if r is not None else uuid.uuid4().hex,
                 prompt_ids=ids,
@@ -527,6 +537,9 @@ class Engine:
             tops = [list(zip(a, b)) for a, b in zip(v.tolist(), i.tolist())]
             g.input_top_logprobs = ([None] if start == 0 else []) + tops
 
+    # Inference mode: the runner returns inference tensors, and penalties / the min_new_tokens ban write
+    # into the logits in place, which torch refuses outside inference mode.
+    @torch.inference_mode()
     def _sample_and_append(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         """Sample one token per sequence from logits [B, V] and apply stop rules."""
         params = [s.params for s in seqs]
