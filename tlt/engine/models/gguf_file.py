@@ -7,6 +7,7 @@ HF checkpoint.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -39,7 +40,9 @@ _GLOBAL_NAMES = {
 }
 
 
+@functools.lru_cache(maxsize=2)
 def _reader(path: str):
+    # Parsing the metadata (49k tokens, 49k merges) takes seconds; config and tensors share one parse.
     import gguf
 
     return gguf.GGUFReader(path)

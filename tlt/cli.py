@@ -1,0 +1,145 @@
+"""`tlt` command line: generate | serve | bench | demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model-path", default=None, help="HF folder or .gguf (default: embedded SmolLM2-135M)")
+    p.add_argument("--tokenizer-path", default=None)
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--context-length", type=int, default=None)
+    p.add_argument("--random-seed", type=int, default=0)
+
+
+def _make_engine(args):
+    import tlt
+
+    return tlt.Engine(model_path=args.model_path, tokenizer_path=args.tokenizer_path, dtype=args.dtype,
+                      device=args.device, context_length=args.context_length, random_seed=args.random_seed)
+
+
+async def _generate_with_progress(engine, label: str, **kwargs):
+    """Run `async_generate`, printing one progress line (tokens, tok/s) about twice a second."""
+    start_tokens = engine.stats["generated_tokens"]
+    t0 = time.perf_counter()
+    task = asyncio.ensure_future(engine.async_generate(**kwargs))
+    while not task.done():
+        await asyncio.sleep(0.5)
+        n = engine.stats["generated_tokens"] - start_tokens
+        dt = time.perf_counter() - t0
+        print(f"\r{label}: {n} tokens, {n / max(dt, 1e-9):.1f} tok/s, {engine.get_stats()['running']} running",
+              end="", file=sys.stderr, flush=True)
+    outs = task.result()
+    n = engine.stats["generated_tokens"] - start_tokens
+    dt = time.perf_counter() - t0
+    print(f"\r{label}: {n} tokens in {dt:.2f} s = {n / dt:.1f} tok/s" + " " * 20, file=sys.stderr, flush=True)
+    return outs, n, dt
+
+
+def cmd_generate(args) -> None:
+    engine = _make_engine(args)
+    prompts = args.prompt or ["What is the capital of France?"]
+    if args.chat:
+        prompts = [engine.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                        add_generation_prompt=True) for p in prompts]
+    sp = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
+          "top_k": args.top_k, "n": args.n}
+    if args.seed is not None:
+        sp["sampling_seed"] = args.seed
+    outs, _, _ = asyncio.run(_generate_with_progress(engine, "generate", prompt=prompts, sampling_params=sp))
+    outs = outs if isinstance(outs, list) else [outs]
+    for i, o in enumerate(outs):
+        print(f"--- [{i}] ({o['meta_info']['completion_tokens']} tokens, {o['meta_info']['finish_reason']})")
+        print(o["text"])
+    engine.shutdown()
+
+
+DEMO_QUESTIONS = [
+    "What is the capital of France?",
+    "Give me three tips for staying healthy.",
+    "Write a haiku about the sea.",
+    "If I have 3 apples and buy 5 more, how many do I have?",
+]
+
+
+def cmd_demo(args) -> None:
+    """The main job until the RL demo lands: load the default model, generate, report speed."""
+    import tlt
+
+    print("tlt demo: SmolLM2-135M-Instruct (embedded GGUF), bfloat16, CPU engine", flush=True)
+    t = time.perf_counter()
+    engine = tlt.Engine(dtype="bfloat16", random_seed=0)
+    print(f"loaded in {time.perf_counter() - t:.1f} s ({engine.get_model_info()['device']})", flush=True)
+    prompts = [engine.tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                                    add_generation_prompt=True) for q in DEMO_QUESTIONS]
+    greedy = {"temperature": 0, "max_new_tokens": args.max_new_tokens}
+    outs, n, dt = asyncio.run(_generate_with_progress(engine, "batch of 4, greedy", prompt=prompts,
+                                                      sampling_params=greedy))
+    for q, o in zip(DEMO_QUESTIONS, outs):
+        print(f"\nQ: {q}\nA: {o['text'].strip()}\n   [{o['meta_info']['completion_tokens']} tokens, "
+              f"finish: {o['meta_info']['finish_reason']['type']}]")
+    sampled = {"temperature": 1.0, "top_p": 0.95, "max_new_tokens": args.max_new_tokens, "n": 8,
+               "sampling_seed": 1234}
+    outs8, n8, dt8 = asyncio.run(_generate_with_progress(engine, "\nRL-style rollout: 1 prompt x n=8, T=1",
+                                                         prompt=prompts[3], sampling_params=sampled,
+                                                         return_logprob=True))
+    for i, o in enumerate(outs8[:3]):
+        lps = [lp for lp, _, _ in o["meta_info"]["output_token_logprobs"]]
+        print(f"  sample {i}: {o['text'].strip()[:80]!r} (sum logprob {sum(lps):.2f})")
+    print("\nsummary")
+    print(f"  {'run':<34}{'tokens':>8}{'seconds':>9}{'tok/s':>9}")
+    print(f"  {'4 prompts, greedy, batched':<34}{n:>8}{dt:>9.2f}{n / dt:>9.1f}")
+    print(f"  {'1 prompt x n=8 samples, T=1':<34}{n8:>8}{dt8:>9.2f}{n8 / dt8:>9.1f}")
+    engine.shutdown()
+
+
+def cmd_bench(args, rest: list[str]) -> None:
+    if args.which == "engine":
+        from benchmarks.engine_throughput import main as bench_main
+    else:
+        raise SystemExit(f"unknown benchmark {args.which!r}")
+    bench_main(rest)
+
+
+def cmd_serve(rest: list[str]) -> None:
+    from tlt.rl_bridge.http_server import main as serve_main
+
+    serve_main(rest)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(prog="tlt", description="tlt: rollout engine for RL training of LLMs")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    g = sub.add_parser("generate", help="generate text for prompts")
+    _engine_args(g)
+    g.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
+    g.add_argument("--chat", action="store_true", help="wrap prompts in the chat template")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=-1)
+    g.add_argument("--n", type=int, default=1)
+    g.add_argument("--seed", type=int, default=None, help="sampling_seed (reproducible sampling)")
+    d = sub.add_parser("demo", help="the main job (make run)")
+    d.add_argument("--max-new-tokens", type=int, default=96)
+    b = sub.add_parser("bench", help="benchmarks: engine", add_help=False)
+    b.add_argument("which", choices=["engine"])
+    sub.add_parser("serve", help="SGLang-compatible HTTP server (see tlt serve --help)", add_help=False)
+    if argv and argv[0] == "serve":
+        return cmd_serve(argv[1:])
+    if argv and argv[0] == "bench":
+        args, rest = p.parse_known_args(argv)
+        return cmd_bench(args, rest)
+    args = p.parse_args(argv)
+    {"generate": cmd_generate, "demo": cmd_demo}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()
