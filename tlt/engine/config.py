@@ -24,6 +24,12 @@ class EngineConfig:
     max_running_requests: int = 256  # sequences decoded together at most
     max_prefill_tokens: int = 8192  # padded tokens in one prefill batch (one longer prompt runs alone)
     random_seed: int | None = None
+    # Speculative decoding (SGLang's names). algorithm: None or "EAGLE" (EAGLE3 accepted as a synonym).
+    speculative_algorithm: str | None = None
+    speculative_draft_model_path: str | None = None  # a drafter folder (tlt train-drafter)
+    speculative_num_steps: int = 3  # draft depth
+    speculative_eagle_topk: int = 1  # branching per step; 1 = chain
+    speculative_num_draft_tokens: int | None = None  # tree nodes verified, root included; None: steps + 1
     weight_version: str = "default"
     torch_num_threads: int | None = None  # CPU threads for torch; default: torch's choice
     log_level: str = "warning"
@@ -48,6 +54,21 @@ class EngineConfig:
             raise ValueError("max_running_requests must be >= 1")
         if self.max_prefill_tokens < 1:
             raise ValueError("max_prefill_tokens must be >= 1")
+        if self.speculative_draft_model_path and self.speculative_algorithm is None:
+            self.speculative_algorithm = "EAGLE"
+        if self.speculative_algorithm is not None:
+            if self.speculative_algorithm.upper() not in ("EAGLE", "EAGLE3"):
+                raise ValueError(f"speculative_algorithm {self.speculative_algorithm!r}: only EAGLE is supported")
+            if not self.speculative_draft_model_path:
+                raise ValueError("speculative decoding needs speculative_draft_model_path (a drafter folder)")
+            steps, k = self.speculative_num_steps, self.speculative_eagle_topk
+            if steps < 1 or k < 1:
+                raise ValueError("speculative_num_steps and speculative_eagle_topk must be >= 1")
+            most = 1 + k + (steps - 1) * k * k
+            if self.speculative_num_draft_tokens is None:
+                self.speculative_num_draft_tokens = min(steps * k + 1, most)
+            if not 2 <= self.speculative_num_draft_tokens <= most:
+                raise ValueError(f"speculative_num_draft_tokens must be in [2, {most}] for {steps} steps, topk {k}")
         if self.random_seed is None:
             self.random_seed = int.from_bytes(os.urandom(4), "little")
 

@@ -28,9 +28,12 @@ class KVCache:
     """Dense per-row K/V tensors for every layer, sized on demand within `capacity_tokens`."""
 
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device, capacity_bytes: int, max_rows: int,
-                 max_len: int):
+                 max_len: int, extra_layers: int = 0):
         self.cfg, self.dtype, self.device = cfg, dtype, torch.device(device)
-        self.bytes_per_token = cfg.kv_bytes_per_token * torch.empty((), dtype=dtype).element_size()
+        # extra_layers: the drafter's own layer(s), kept in the same rows so that moves carry them.
+        self.num_layers = cfg.num_layers + extra_layers
+        per_layer = 2 * cfg.num_kv_heads * cfg.head_dim
+        self.bytes_per_token = per_layer * self.num_layers * torch.empty((), dtype=dtype).element_size()
         self.capacity_tokens = capacity_bytes // self.bytes_per_token
         if self.capacity_tokens < max_len:
             raise ValueError(
@@ -125,8 +128,8 @@ class KVCache:
             new_len -= _LEN_ALIGN
         shape = (new_rows, self.cfg.num_kv_heads, new_len, self.cfg.head_dim)
         old_k, old_v = self.k, self.v
-        self.k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.cfg.num_layers)]
-        self.v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.cfg.num_layers)]
+        self.k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
+        self.v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
         if old_k:
             r, n = self.alloc_rows, self.alloc_len
             for dst, src in zip(self.k + self.v, old_k + old_v):

@@ -34,6 +34,11 @@ class Sequence:
     spec_verify_ct: int = 0
     spec_accepted_tokens: int = 0
     spec_accept_hist: list[int] = field(default_factory=list)
+    # Drafter state (speculative decoding): entries in the drafter's KV, and (token, feature) pairs
+    # produced by the target that the drafter has not consumed yet.
+    draft_len: int = 0
+    pending_tokens: list[int] = field(default_factory=list)
+    pending_feats: list = field(default_factory=list)
 
     @property
     def prompt_ids(self) -> list[int]:

@@ -11,15 +11,16 @@ from tlt.engine.request import RequestGroup, Sequence, SeqStatus
 class Scheduler:
     """Holds waiting groups and running sequences; never touches tensors."""
 
-    def __init__(self, kv: KVCache, max_prefill_tokens: int, context_length: int):
+    def __init__(self, kv: KVCache, max_prefill_tokens: int, context_length: int, spec_margin: int = 0):
         self.kv = kv
+        self.spec_margin = spec_margin  # positions a speculative round writes beyond a row's length
         self.max_prefill_tokens = max_prefill_tokens
         self.context_length = context_length
         self.waiting: deque[RequestGroup] = deque()
         self.groups: dict[str, RequestGroup] = {}  # every unfinished group, by rid
 
     def reserve_len(self, group: RequestGroup) -> int:
-        return min(len(group.prompt_ids) + group.max_new_tokens, self.context_length)
+        return min(len(group.prompt_ids) + group.max_new_tokens, self.context_length) + self.spec_margin
 
     def fits_ever(self, group: RequestGroup) -> bool:
         """Whether the group could run on an otherwise empty engine."""

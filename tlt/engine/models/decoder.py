@@ -21,9 +21,10 @@ from tlt.engine.models.rope import RotaryTable, apply_rotary
 class AttentionBatch:
     """Where one forward pass reads and writes the KV cache.
 
-    The batch occupies cache rows [row_start, row_start + B). Query token t of row b sits at position
-    `positions[b, t]`; its K/V are written there. `mask[b, 0, t, j]` says whether that query may attend to
-    cache position j < `kv_len` (causal + padding, or a tree mask for speculative verification).
+    The batch occupies cache rows [row_start, row_start + B). Query token t of row b has rotary position
+    `positions[b, t]`; its K/V are written at cache slot `slots[b, t]` (the same as the position, except
+    for the nodes of a speculative tree, which share positions). `mask[b, 0, t, j]` says whether that
+    query may attend to cache slot j < `kv_len` (causal + padding, or a tree mask).
     """
 
     row_start: int
@@ -31,6 +32,7 @@ class AttentionBatch:
     mask: torch.Tensor  # [B, 1, T, kv_len] bool
     kv_len: int
     write_rows: torch.Tensor  # [B, T] int64, absolute cache rows (broadcast of row ids)
+    slots: torch.Tensor | None = None  # [B, T] int64; None: = positions
 
 
 def cpu_packing_supported(dtype: torch.dtype, device: torch.device) -> bool:
@@ -121,8 +123,9 @@ class DecoderLayer(nn.Module):
         # q and k rotated together: half the elementwise launches of doing them one by one.
         q, k = apply_rotary(qk, cos, sin).split([self.num_heads, self.num_kv_heads], dim=2)
         # cache layout [rows, kv_heads, max_len, head_dim]: a batch's keys are a strided view, no gather.
-        k_cache[batch.write_rows, :, batch.positions] = k
-        v_cache[batch.write_rows, :, batch.positions] = v
+        slots = batch.positions if batch.slots is None else batch.slots
+        k_cache[batch.write_rows, :, slots] = k
+        v_cache[batch.write_rows, :, slots] = v
         rows = slice(batch.row_start, batch.row_start + B)
         keys = k_cache[rows, :, : batch.kv_len]  # [B, kv_heads, L, D]
         values = v_cache[rows, :, : batch.kv_len]
@@ -175,12 +178,12 @@ class DecoderLM(nn.Module):
         """
         cos, sin = self.rope.lookup(batch.positions)
         x = self.embed(input_ids)
-        captured = []
+        captured = {}
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, k_caches[i], v_caches[i], batch)
             if i in capture_layers:
-                captured.append(x)
-        return self.norm(x), captured
+                captured[i] = x
+        return self.norm(x), [captured[i] for i in capture_layers]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[..., hidden] -> float32 logits [..., vocab]."""

@@ -1,0 +1,122 @@
+"""The drafter: an EAGLE-3-style single decoder layer driven by the target's hidden states.
+
+Input at position p is the pair (token p+1, feature p). For positions the target has processed, the
+feature is the target's hidden states of a low, a middle and a high layer, fused by one linear layer
+(`fc`); while drafting ahead, it is the drafter's own output at the previous position. The drafter shares
+the target's token embedding and predicts over a reduced vocabulary (the most frequent target tokens,
+`d2t` maps draft ids to target ids), so its LM head stays cheap for large vocabularies.
+
+Saved as a folder: config.json + model.safetensors (without the shared embedding).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tlt.engine.models.decoder import AttentionBatch, DecoderLayer, RMSNorm
+from tlt.engine.models.model_config import ModelConfig
+
+FORMAT = "tlt-eagle3-drafter-v1"
+
+
+@dataclass
+class DrafterConfig:
+    """Shape of a drafter for a given target."""
+
+    hidden_size: int
+    target_vocab_size: int
+    draft_vocab_size: int
+    aux_layers: tuple[int, int, int]  # target layers whose outputs are fused (low, mid, high)
+    version: str = "0"
+
+    @classmethod
+    def for_target(cls, mc: ModelConfig, draft_vocab_size: int | None = None) -> DrafterConfig:
+        L = mc.num_layers
+        aux = (min(2, L - 1), L // 2, max(L - 3, 0))
+        dv = min(draft_vocab_size or mc.vocab_size, mc.vocab_size)
+        return cls(mc.hidden_size, mc.vocab_size, dv, aux)
+
+
+class EagleDrafter(nn.Module):
+    """One decoder layer over [embedding(token); feature] -> draft logits and its own next feature."""
+
+    def __init__(self, cfg: DrafterConfig, target: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        H = cfg.hidden_size
+        self.layer_cfg = dataclasses.replace(target, num_layers=1, attention_bias=False, qk_norm=False)
+        self.fc = nn.Linear(3 * H, H, bias=False)
+        self.emb_norm = RMSNorm(H, target.rms_norm_eps)
+        self.feat_norm = RMSNorm(H, target.rms_norm_eps)
+        self.in_proj = nn.Linear(2 * H, H, bias=False)
+        self.layer = DecoderLayer(self.layer_cfg)
+        self.norm = RMSNorm(H, target.rms_norm_eps)
+        self.lm_head = nn.Linear(H, cfg.draft_vocab_size, bias=False)
+        self.register_buffer("d2t", torch.arange(cfg.draft_vocab_size), persistent=True)
+
+    def fuse(self, aux_hidden: list[torch.Tensor]) -> torch.Tensor:
+        """Target hidden states of the three aux layers [..., H] x 3 -> feature [..., H]."""
+        return self.fc(torch.cat(aux_hidden, dim=-1))
+
+    def forward(self, token_embeds: torch.Tensor, features: torch.Tensor, cos, sin, k_cache, v_cache,
+                batch: AttentionBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, T, H] x 2 -> (output feature [B, T, H], draft logits [B, T, draft_vocab] float32)."""
+        x = self.in_proj(torch.cat([self.emb_norm(token_embeds), self.feat_norm(features)], dim=-1))
+        h = self.layer(x, cos, sin, k_cache, v_cache, batch)
+        return h, F.linear(self.norm(h), self.lm_head.weight).float()
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str) -> None:
+        from safetensors.torch import save_file
+
+        os.makedirs(path, exist_ok=True)
+        meta = {"format": FORMAT, **dataclasses.asdict(self.cfg)}
+        tmp = os.path.join(path, "config.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(meta, f, indent=2)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(tensors, os.path.join(path, "model.safetensors.tmp"))
+        os.replace(os.path.join(path, "model.safetensors.tmp"), os.path.join(path, "model.safetensors"))
+        os.replace(tmp, os.path.join(path, "config.json"))
+
+    @classmethod
+    def load(cls, path: str, target: ModelConfig, device="cpu", dtype=torch.float32) -> EagleDrafter:
+        from safetensors.torch import load_file
+
+        cfg_path = os.path.join(path, "config.json")
+        if not os.path.exists(cfg_path):
+            raise FileNotFoundError(f"no drafter at {path!r} (config.json missing)")
+        with open(cfg_path) as f:
+            meta = json.load(f)
+        if meta.pop("format", None) != FORMAT:
+            raise ValueError(f"{path!r} is not a tlt drafter folder")
+        meta["aux_layers"] = tuple(meta["aux_layers"])
+        cfg = DrafterConfig(**meta)
+        if cfg.hidden_size != target.hidden_size or cfg.target_vocab_size != target.vocab_size:
+            raise ValueError(f"drafter at {path!r} was made for another target "
+                             f"(hidden {cfg.hidden_size}, vocab {cfg.target_vocab_size})")
+        if max(cfg.aux_layers) >= target.num_layers:
+            raise ValueError("drafter aux layers exceed the target's depth")
+        model = cls(cfg, target)
+        model.load_state_dict(load_file(os.path.join(path, "model.safetensors")))
+        return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+    @classmethod
+    def random(cls, target: ModelConfig, seed: int = 0, draft_vocab_size: int | None = None) -> EagleDrafter:
+        """A randomly initialised drafter (tests; the start of training)."""
+        g = torch.Generator().manual_seed(seed)
+        model = cls(DrafterConfig.for_target(target, draft_vocab_size), target)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.fill_(1.0)
+                else:
+                    p.copy_(torch.randn(p.shape, generator=g) * (1.0 / p.shape[-1] ** 0.5))
+        return model

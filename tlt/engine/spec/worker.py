@@ -1,0 +1,183 @@
+"""One speculative round for the running batch: catch up, draft, verify, accept.
+
+    catch-up  the drafter consumes the (token, target feature) pairs it has not seen yet
+    draft     EAGLE-2 tree expansion (topk = 1: a chain), `num_steps` deep
+    verify    one target forward over all tree nodes with a tree attention mask
+    accept    walk the tree: at each depth the target's own token (argmax, or its inverse-CDF draw for
+              the uniform of that output position) is emitted; the walk goes on while it equals a
+              child's draft token. Every emitted token is therefore exactly the token the target would
+              have produced without speculation, for greedy and sampled decoding alike.
+
+The drafter's K/V live in one extra layer of the engine's KV cache (same rows), so row moves and
+sibling forks carry them along.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tlt.engine.models.decoder import AttentionBatch, DecoderLM
+from tlt.engine.spec.drafter import EagleDrafter
+from tlt.engine.spec.tree import DraftTree, ancestor_matrix, select_tree, tree_attention_mask
+
+
+@dataclass(frozen=True)
+class SpecConfig:
+    """SGLang's names: draft depth, branching, nodes verified (root included)."""
+
+    num_steps: int
+    topk: int
+    num_draft_tokens: int
+
+    @property
+    def margin(self) -> int:
+        """KV positions a round may write beyond a row's length (tree nodes, draft slots, scratch)."""
+        return max(self.num_draft_tokens, (self.num_steps - 1) * self.topk) + 2
+
+
+class SpecWorker:
+    """Drafting and verification around the target runner; sampling stays with the engine."""
+
+    def __init__(self, model: DecoderLM, drafter: EagleDrafter, kv):
+        self.model = model
+        self.drafter = drafter
+        self.kv = kv
+        self.layer = model.cfg.num_layers  # the drafter's layer index in the KV cache
+        self.aux_layers = tuple(drafter.cfg.aux_layers)
+        self.device = model.embed.weight.device
+
+    # ------------------------------------------------------------------ features
+    def fuse(self, captured: list[torch.Tensor]) -> torch.Tensor:
+        """Target hidden states captured at the aux layers -> drafter features [..., H]."""
+        return self.drafter.fuse(captured)
+
+    # ------------------------------------------------------------------ catch-up
+    @torch.inference_mode()
+    def catch_up(self, seqs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feed each row's pending (token, feature) pairs; returns the last output feature [B, H] and
+        draft log-probabilities [B, Vd] at each row's newest position."""
+        B = len(seqs)
+        m = [len(s.pending_tokens) for s in seqs]
+        T = max(m)
+        dev = self.device
+        scratch = self.kv.alloc_len - 1
+        tokens = torch.zeros((B, T), dtype=torch.int64, device=dev)
+        feats = torch.zeros((B, T, self.drafter.cfg.hidden_size), dtype=self.model.embed.weight.dtype, device=dev)
+        for b, s in enumerate(seqs):
+            tokens[b, : m[b]] = torch.tensor(s.pending_tokens, dtype=torch.int64)
+            feats[b, : m[b]] = torch.cat(s.pending_feats, 0)
+        start = torch.tensor([s.draft_len for s in seqs], device=dev)
+        valid = torch.arange(T, device=dev).view(1, T) < torch.tensor(m, device=dev).view(B, 1)
+        positions = start.view(B, 1) + torch.arange(T, device=dev).view(1, T)
+        slots = torch.where(valid, positions, torch.full_like(positions, scratch))
+        kv_len = int((start + torch.tensor(m, device=dev)).max())
+        key = torch.arange(kv_len, device=dev).view(1, 1, kv_len)
+        mask = (key <= positions.view(B, T, 1)) | (~valid.view(B, T, 1) & (key == 0))
+        h, logits = self._drafter_forward(tokens, feats, positions, slots, mask.unsqueeze(1), kv_len)
+        last = torch.tensor([x - 1 for x in m], device=dev)
+        rows = torch.arange(B, device=dev)
+        for s, n in zip(seqs, m):
+            s.draft_len += n
+            s.pending_tokens, s.pending_feats = [], []
+        return h[rows, last], torch.log_softmax(logits[rows, last], dim=-1)
+
+    def _drafter_forward(self, tokens, feats, positions, slots, mask, kv_len):
+        B, T = tokens.shape
+        rows = torch.arange(B, device=self.device).view(B, 1).expand(B, T)
+        batch = AttentionBatch(0, positions, mask, kv_len, rows, slots)
+        cos, sin = self.model.rope.lookup(positions)
+        emb = self.model.embed(tokens)
+        return self.drafter(emb, feats, cos, sin, self.kv.k[self.layer], self.kv.v[self.layer], batch)
+
+    # ------------------------------------------------------------------ draft
+    @torch.inference_mode()
+    def draft(self, seqs, root_h: torch.Tensor, root_logp: torch.Tensor, cfg: SpecConfig) -> DraftTree:
+        """EAGLE-2 expansion: each step expands the `topk` best frontier nodes into `topk` children each."""
+        B, k, dev = len(seqs), cfg.topk, self.device
+        d2t = self.drafter.d2t
+        base = torch.tensor([s.draft_len for s in seqs], device=dev)  # drafter position of depth-1 nodes
+        top_lp, top_id = root_logp.topk(k, dim=-1)  # [B, k]
+        cand_tok, cand_score = [top_id], [top_lp]
+        cand_parent = [torch.full((B, k), -1, dtype=torch.int64, device=dev)]
+        cand_depth = [torch.ones((B, k), dtype=torch.int64, device=dev)]
+        frontier = torch.arange(k, device=dev).expand(B, k)  # candidate ids of the frontier
+        front_h = root_h.unsqueeze(1).expand(B, k, -1)  # parent features of the frontier
+        n_cand = k
+        processed_slot: dict[int, int] = {}  # candidate id -> slot offset of its drafter entry (same all rows)
+        # Per-row ancestor sets are tracked as [B, F, S] masks over processed slots.
+        proc_parent_slot = torch.full((B, 0), -1, dtype=torch.int64, device=dev)
+        anc_slots = torch.zeros((B, k, 0), dtype=torch.bool, device=dev)  # for the current frontier
+        for step in range(2, cfg.num_steps + 1):
+            off = (step - 2) * k
+            tokens = d2t[torch.cat(cand_tok, 1).gather(1, frontier)]
+            positions = (base + step - 2).view(B, 1).expand(B, k)
+            slots = base.view(B, 1) + off + torch.arange(k, device=dev).view(1, k)
+            S = off + k
+            own = torch.zeros((B, k, S), dtype=torch.bool, device=dev)
+            own[:, torch.arange(k), off + torch.arange(k)] = True
+            anc_all = torch.cat([anc_slots, torch.zeros((B, k, k), dtype=torch.bool, device=dev)], 2) | own
+            kv_len = int(base.max()) + S
+            key = torch.arange(kv_len, device=dev).view(1, 1, kv_len)
+            rel = key - base.view(B, 1, 1)
+            tree = torch.gather(anc_all, 2, rel.clamp(0, S - 1).expand(B, k, kv_len)) & (rel >= 0) & (rel < S)
+            mask = ((key < base.view(B, 1, 1)) | tree).unsqueeze(1)
+            h, logits = self._drafter_forward(tokens, front_h, positions, slots, mask, kv_len)
+            logp = torch.log_softmax(logits, dim=-1)  # [B, k, Vd]
+            c_lp, c_id = logp.topk(k, dim=-1)  # [B, k, k]
+            parent_score = torch.cat(cand_score, 1).gather(1, frontier)  # [B, k]
+            score = (parent_score.unsqueeze(-1) + c_lp).reshape(B, k * k)
+            cand_tok.append(c_id.reshape(B, k * k))
+            cand_score.append(score)
+            cand_parent.append(frontier.unsqueeze(-1).expand(B, k, k).reshape(B, k * k))
+            cand_depth.append(torch.full((B, k * k), step, dtype=torch.int64, device=dev))
+            # Next frontier: the k best new children; their ancestors = parent's ancestors + parent.
+            best = score.topk(k, dim=-1).indices  # [B, k] in [0, k*k)
+            parent_local = best // k
+            anc_slots = torch.gather(anc_all, 1, parent_local.unsqueeze(-1).expand(B, k, S))
+            front_h = torch.gather(h, 1, parent_local.unsqueeze(-1).expand(B, k, h.shape[-1]))
+            frontier = n_cand + best
+            n_cand += k * k
+        del processed_slot, proc_parent_slot
+        tree = select_tree(d2t[torch.cat(cand_tok, 1)], torch.cat(cand_score, 1), torch.cat(cand_parent, 1),
+                           torch.cat(cand_depth, 1), cfg.num_draft_tokens)
+        tree.tokens[:, 0] = torch.tensor([s.output_ids[-1] for s in seqs], device=dev)
+        return tree
+
+    # ------------------------------------------------------------------ verify
+    @torch.inference_mode()
+    def verify(self, seqs, tree: DraftTree):
+        """Target forward over the tree -> (hidden [B, N, H], fused features [B, N, H])."""
+        B, N = tree.tokens.shape
+        dev = self.device
+        n = torch.tensor([s.total_len - 1 for s in seqs], device=dev)  # target KV length
+        anc = ancestor_matrix(tree.parent)
+        kv_len = int(n.max()) + N
+        mask = tree_attention_mask(n, anc, kv_len)
+        positions = n.view(B, 1) + tree.depth
+        slots = n.view(B, 1) + torch.arange(N, device=dev).view(1, N)
+        rows = torch.arange(B, device=dev).view(B, 1).expand(B, N)
+        batch = AttentionBatch(0, positions, mask, kv_len, rows, slots)
+        hidden, captured = self.model(tree.tokens, batch, self.kv.k, self.kv.v, self.aux_layers)
+        return hidden, self.fuse(captured)
+
+    @torch.no_grad()
+    def commit_path(self, seqs, paths: list[list[int]]) -> None:
+        """Move the K/V of accepted tree nodes from their tree slots n + i to their positions n + depth."""
+        rows, dst, src = [], [], []
+        for b, (s, path) in enumerate(zip(seqs, paths)):
+            n = s.total_len - 1
+            for d, node in enumerate(path):
+                if node != d:
+                    rows.append(b)
+                    dst.append(n + d)
+                    src.append(n + node)
+        if not rows:
+            return
+        r = torch.tensor(rows, device=self.device)
+        d = torch.tensor(dst, device=self.device)
+        s_ = torch.tensor(src, device=self.device)
+        for layer in range(self.layer):  # target layers only; the drafter catches up separately
+            for cache in (self.kv.k[layer], self.kv.v[layer]):
+                cache[r, :, d] = cache[r, :, s_]
