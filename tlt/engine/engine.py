@@ -79,8 +79,16 @@ class Engine:
         self.dtype = cfg.torch_dtype(getattr(hf_config, "torch_dtype", None) or getattr(hf_config, "dtype", None))
         self.context_length = cfg.context_length or mc.max_position_embeddings
 
+        self.spec_config = None
+        margin = 0
+        if cfg.speculative_algorithm is not None:
+            from tlt.engine.spec.worker import SpecConfig
+
+            self.spec_config = SpecConfig(cfg.speculative_num_steps, cfg.speculative_eagle_topk,
+                                          cfg.speculative_num_draft_tokens)
+            margin = self.spec_config.margin
         with torch.device("meta"):
-            model = DecoderLM(mc, max_positions=self.context_length)
+            model = DecoderLM(mc, max_positions=self.context_length + margin)
         model = model.to_empty(device=self.device).to(self.dtype)
         model.eval()
         model.requires_grad_(False)
@@ -100,14 +108,24 @@ class Engine:
 
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         self.kv = KVCache(mc, self.dtype, self.device, cfg.default_kv_bytes(weight_bytes),
-                          cfg.max_running_requests, self.context_length)
+                          cfg.max_running_requests, self.context_length + margin, extra_layers=1 if margin else 0)
         self.runner = ModelRunner(model, self.kv, self.device)
-        self.scheduler = Scheduler(self.kv, cfg.max_prefill_tokens, self.context_length)
+        self.scheduler = Scheduler(self.kv, cfg.max_prefill_tokens, self.context_length, margin)
+        self.spec = None
+        self.drafter_version = None
+        if self.spec_config is not None:
+            from tlt.engine.spec.drafter import EagleDrafter
+            from tlt.engine.spec.worker import SpecWorker
+
+            drafter = EagleDrafter.load(cfg.speculative_draft_model_path, mc, self.device, self.dtype)
+            self.spec = SpecWorker(model, drafter, self.kv)
+            self.drafter_version = drafter.cfg.version
         self.generator = torch.Generator(device="cpu").manual_seed(cfg.random_seed)
         self.load_time = time.perf_counter() - t0
 
         self.stats = {"num_prefill_batches": 0, "num_decode_steps": 0, "generated_tokens": 0, "prompt_tokens": 0,
-                      "finished_requests": 0, "aborted_requests": 0}
+                      "finished_requests": 0, "aborted_requests": 0, "spec_verify_rounds": 0,
+                      "spec_accepted_tokens": 0}
         self._rid_counter = itertools.count()
         self._lock = threading.RLock()
         self._paused = False
@@ -263,7 +281,7 @@ class Engine:
             "is_generation": True,
             "model_type": mc.model_type,
             "weight_version": self.weight_version,
-            "drafter_version": None,
+            "drafter_version": self.drafter_version,
             "dtype": str(self.dtype).replace("torch.", ""),
             "device": str(self.device),
             "context_length": self.context_length,
@@ -488,7 +506,9 @@ class Engine:
 
     def _prefill(self, groups: list[RequestGroup]) -> None:
         row_start = groups[0].seqs[0].row
-        hidden, _ = self.runner.prefill([g.prompt_ids for g in groups], row_start)  # [B, T, H]
+        aux = self.spec.aux_layers if self.spec is not None else ()
+        hidden, captured = self.runner.prefill([g.prompt_ids for g in groups], row_start, aux)  # [B, T, H]
+        prompt_feats = self.spec.fuse(captured) if self.spec is not None else None  # [B, T, H]
         self.stats["num_prefill_batches"] += 1
         lens = torch.tensor([len(g.prompt_ids) for g in groups], device=self.device)
         last = hidden[torch.arange(len(groups), device=self.device), lens - 1]  # [B, H]
@@ -511,14 +531,35 @@ class Engine:
             self.scheduler.fork_siblings(g)
             seqs.extend(g.seqs)
             rows.extend([i] * len(g.seqs))
+            if prompt_feats is not None:
+                L = len(g.prompt_ids)
+                for s in g.seqs:  # the drafter sees (token p+1, feature p) for every prompt position
+                    s.draft_len = 0
+                    s.pending_tokens = list(g.prompt_ids[1:])
+                    s.pending_feats = [prompt_feats[i, : L - 1]]
         if seqs:
-            self._sample_and_append(seqs, logits[torch.tensor(rows, device=self.device)])
+            idx = torch.tensor(rows, device=self.device)
+            feats = None
+            if prompt_feats is not None:
+                last_pos = torch.tensor([len(groups[i].prompt_ids) - 1 for i in rows], device=self.device)
+                feats = prompt_feats[idx, last_pos].unsqueeze(1)  # [S, 1, H]
+            self._sample_and_append(seqs, logits[idx], feats=feats)
 
     def _decode(self) -> None:
         seqs = list(self.scheduler.running)
+        if self.spec is not None:
+            return self._spec_decode(seqs)
         hidden, _ = self.runner.decode([s.output_ids[-1] for s in seqs], [s.total_len - 1 for s in seqs])
         self.stats["num_decode_steps"] += 1
         self._sample_and_append(seqs, self.runner.logits(hidden[:, 0]))
+
+    def _spec_decode(self, seqs: list[Sequence]) -> None:
+        """One speculative round (see spec/worker.py): catch-up, draft, verify, accept."""
+        root_h, root_logp = self.spec.catch_up(seqs)
+        tree = self.spec.draft(seqs, root_h, root_logp, self.spec_config)
+        hidden, feats = self.spec.verify(seqs, tree)
+        self.stats["num_decode_steps"] += 1
+        self._sample_and_append(seqs, self.runner.logits(hidden), tree=tree, feats=feats)
 
     def _prompt_logprobs(self, g: RequestGroup, hidden: torch.Tensor) -> None:
         """input_token_logprobs for prompt positions [start, L): position 0 has no context -> None."""
@@ -540,49 +581,108 @@ class Engine:
     # Inference mode: the runner returns inference tensors, and penalties / the min_new_tokens ban write
     # into the logits in place, which torch refuses outside inference mode.
     @torch.inference_mode()
-    def _sample_and_append(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
-        """Sample one token per sequence from logits [B, V] and apply stop rules."""
+    def _sample_and_append(self, seqs: list[Sequence], logits: torch.Tensor, tree=None, feats=None) -> None:
+        """Emit tokens from the target's logits and apply stop rules.
+
+        logits [B, V]: one token per sequence. logits [B, N, V] with a draft `tree`: walk the tree (see
+        spec/worker.py) and emit every token the target itself would have produced. `feats` [B, N, H]:
+        drafter features of the nodes, queued for the drafter's catch-up.
+        """
+        if logits.dim() == 2:
+            logits = logits.unsqueeze(1)
+        B, N, V = logits.shape
+        dev = self.device
         params = [s.params for s in seqs]
+        # Penalties and min_new_tokens depend on the emitted prefix: they are applied exactly at the root,
+        # and such rows never walk into the tree (they emit one token per round, as without speculation).
+        walk = [N > 1 and not p.has_penalties and len(s.output_ids) >= p.min_new_tokens
+                for s, p in zip(seqs, params)]
+        root = logits[:, 0]
         pen_rows = [i for i, p in enumerate(params) if p.has_penalties]
         if pen_rows:
-            apply_penalties(logits, pen_rows, [s.output_ids for s in seqs], [s.prompt_ids for s in seqs], params)
+            apply_penalties(root, pen_rows, [s.output_ids for s in seqs], [s.prompt_ids for s in seqs], params)
         for i, s in enumerate(seqs):
             p = s.params
             if len(s.output_ids) < p.min_new_tokens:
                 banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(self.eos_token_ids))
                 if banned:
-                    logits[i, banned] = float("-inf")
-        sb = build_sampling_batch(params, self.model_config.vocab_size, self.device)
-        uniforms = torch.rand(len(seqs), generator=self.generator)
+                    root[i, banned] = float("-inf")
+        sb = build_sampling_batch([p for p in params for _ in range(N)], self.model_config.vocab_size, dev)
+        depth = tree.depth if tree is not None else torch.zeros((B, 1), dtype=torch.int64, device=dev)
+        D = int(depth.max()) + 1
+        # One uniform per (row, output position): nodes of equal depth share it, only one is ever emitted.
+        u = torch.rand((B, D), generator=self.generator)
         for i, s in enumerate(seqs):
             if s.params.sampling_seed is not None:
-                uniforms[i] = seeded_uniform(s.params.sampling_seed, s.sample_index, len(s.output_ids))
-        tokens, logprobs = sample(logits, sb, uniforms.to(self.device))
-        token_list = tokens.tolist()
-        want_lp = [i for i, s in enumerate(seqs) if s.group.return_logprob]
-        chosen_lp: dict[int, float] = {}
-        tops: dict[int, list] = {}
+                for d in range(D):
+                    u[i, d] = seeded_uniform(s.params.sampling_seed, s.sample_index, len(s.output_ids) + d)
+        u = u.to(dev).gather(1, depth)  # [B, N]
+        tokens, logprobs = sample(logits.reshape(B * N, V), sb, u.reshape(-1))
+        target = tokens.view(B, N).tolist()
+        paths = [[0] for _ in range(B)]
+        if tree is not None:
+            draft_tok, parent = tree.tokens.tolist(), tree.parent.tolist()
+            for b in range(B):
+                if not walk[b]:
+                    continue
+                children: dict[int, list[int]] = {}
+                for i in range(1, N):
+                    children.setdefault(parent[b][i], []).append(i)
+                cur = 0
+                while True:
+                    nxt = next((c for c in children.get(cur, ()) if draft_tok[b][c] == target[b][cur]), None)
+                    if nxt is None:
+                        break
+                    paths[b].append(nxt)
+                    cur = nxt
+            self.spec.commit_path(seqs, paths)  # before the sequences grow: slots are relative to them
+        want_lp = [b for b, s in enumerate(seqs) if s.group.return_logprob]
+        lp_vals: dict[tuple[int, int], float] = {}
+        tops: dict[tuple[int, int], list] = {}
         if want_lp:
-            idx = torch.tensor(want_lp, device=self.device)
-            vals = logprobs[idx].gather(1, tokens[idx].unsqueeze(1)).squeeze(1).tolist()
-            chosen_lp = dict(zip(want_lp, vals))
-            k = max(seqs[i].group.top_logprobs_num for i in want_lp)
+            pairs = [(b, node) for b in want_lp for node in paths[b]]
+            flat = torch.tensor([b * N + node for b, node in pairs], device=dev)
+            toks = tokens[flat]
+            vals = logprobs[flat].gather(1, toks.unsqueeze(1)).squeeze(1).tolist()
+            lp_vals = dict(zip(pairs, vals))
+            k = max(seqs[b].group.top_logprobs_num for b in want_lp)
             if k:
-                v, ix = logprobs[idx].topk(k, dim=-1)
-                for j, i in enumerate(want_lp):
-                    n = seqs[i].group.top_logprobs_num
-                    tops[i] = list(zip(v[j, :n].tolist(), ix[j, :n].tolist()))
+                v, ix = logprobs[flat].topk(k, dim=-1)
+                for j, (b, node) in enumerate(pairs):
+                    n = seqs[b].group.top_logprobs_num
+                    tops[(b, node)] = list(zip(v[j, :n].tolist(), ix[j, :n].tolist()))
         finished: list[tuple[Sequence, dict]] = []
-        for i, (s, tok) in enumerate(zip(seqs, token_list)):
-            s.output_ids.append(tok)
-            if i in chosen_lp:
-                s.output_logprobs.append(chosen_lp[i])
-                if s.group.top_logprobs_num:
-                    s.output_top_logprobs.append(tops[i])
-            reason = self._check_finish(s, tok)
+        emitted_total = 0
+        for b, s in enumerate(seqs):
+            kept = 0
+            reason = None
+            for node in paths[b]:
+                tok = target[b][node]
+                s.output_ids.append(tok)
+                kept += 1
+                if (b, node) in lp_vals:
+                    s.output_logprobs.append(lp_vals[(b, node)])
+                    if s.group.top_logprobs_num:
+                        s.output_top_logprobs.append(tops[(b, node)])
+                reason = self._check_finish(s, tok)
+                if reason is not None:
+                    break
+            emitted_total += kept
+            if tree is not None:
+                accepted = len(paths[b]) - 1
+                s.spec_verify_ct += 1
+                s.spec_accepted_tokens += accepted
+                while len(s.spec_accept_hist) <= accepted:
+                    s.spec_accept_hist.append(0)
+                s.spec_accept_hist[accepted] += 1
+                self.stats["spec_verify_rounds"] += 1
+                self.stats["spec_accepted_tokens"] += accepted
             if reason is not None:
                 finished.append((s, reason))
-        self.stats["generated_tokens"] += len(seqs)
+            elif feats is not None:
+                s.pending_tokens.extend(s.output_ids[-kept:])
+                s.pending_feats.append(feats[b, paths[b][:kept]])
+        self.stats["generated_tokens"] += emitted_total
         for s, reason in finished:
             self.scheduler.finish(s, reason)
         touched = {id(s.group): s.group for s in seqs}
@@ -635,6 +735,11 @@ class Engine:
             "e2e_latency": time.perf_counter() - g.created,
             "weight_version": self.weight_version,
         }
+        if self.spec is not None:
+            meta["drafter_version"] = self.drafter_version
+            meta["spec_verify_ct"] = s.spec_verify_ct
+            meta["spec_accept_token_num"] = s.spec_accepted_tokens
+            meta["spec_accept_histogram"] = list(s.spec_accept_hist)
         if g.return_logprob:
             texts = g.return_text_in_logprobs
             meta["output_token_logprobs"] = self._lp_tuples(s.output_logprobs, ids, texts)
