@@ -77,9 +77,11 @@ def test_greedy_output_does_not_depend_on_the_batch(eng):
     sps = [greedy(m) for m in (10, 4, 12, 7, 1, 9)]  # leave at different steps: rows are compacted
     alone = [eng.generate(input_ids=p, sampling_params=sp)["output_ids"] for p, sp in zip(prompts, sps)]
     assert [len(a) for a in alone] == [10, 4, 12, 7, 1, 9]
+    assert eng.flush_cache()  # zero K/V: stale rows of the runs above must not mask a lost position
     together = eng.generate(input_ids=prompts, sampling_params=sps)
     assert ids_of(together) == alone
-    # Staggered: two start, the rest join mid-decode.
+    # Staggered: two start, the rest join mid-decode (on zeroed K/V again).
+    assert eng.flush_cache()
     its = [eng.generate(input_ids=prompts[i], sampling_params=sps[i], stream=True) for i in (0, 1)]
     next(its[0])
     next(its[0])
@@ -344,6 +346,7 @@ def test_abort_frees_rows_at_once_and_spares_the_others(eng):
     pa, pb, pc = random_prompts((9, 4, 15), seed=23)
     want_b = eng.generate(input_ids=pb, sampling_params=greedy(10))["output_ids"]
     want_c = eng.generate(input_ids=pc, sampling_params=greedy(10))["output_ids"]
+    assert eng.flush_cache()  # zero K/V: stale rows of the runs above must not mask a lost position
     aborted_before = eng.stats["aborted_requests"]
     it_a = eng.generate(input_ids=pa, sampling_params=greedy(10), stream=True, rid="abort-a")
     it_b = eng.generate(input_ids=pb, sampling_params=greedy(10), stream=True, rid="abort-b")
