@@ -66,20 +66,12 @@ def create_app(engine: Engine, api_key: str | None = None, weight_roots: list[st
     roots = list(weight_roots) if weight_roots else None
     opts = ServerOptions(api_key=api_key, weight_roots=roots, **options)
     app = FastAPI(title="tlt", docs_url=None, redoc_url=None, openapi_url=None)
-    routes: list[tuple[str, list[str], object]] = []
-
-    def route(path: str, methods=("POST",)):
-        def deco(fn):
-            routes.append((path, list(methods), fn))
-            return fn
-        return deco
-
     metrics = ServerMetrics(set())
     state = ServerState(engine, opts, metrics)
     app.state.tlt = state
 
     # ------------------------------------------------------------------------------------------ generate
-    @route("/generate", ("POST", "PUT"))
+    @app.api_route("/generate", methods=["POST", "PUT"])
     async def generate(request: Request):
         req = schemas.parse(schemas.GenerateReqInput, await request.body())
         kwargs, rids = _generate_kwargs(req)
@@ -92,7 +84,7 @@ def create_app(engine: Engine, api_key: str | None = None, weight_roots: list[st
         return JSONResponse(out)
 
     # ------------------------------------------------------------------------------------------ weights
-    @route("/update_weights_from_disk")
+    @app.post("/update_weights_from_disk")
     async def update_weights_from_disk(request: Request):
         req = schemas.parse(schemas.UpdateWeightsFromDiskReq, await request.body())
         path = _weights_guard(lambda: resolve_weight_path(req.model_path, opts.weight_roots))
@@ -102,7 +94,7 @@ def create_app(engine: Engine, api_key: str | None = None, weight_roots: list[st
             path, weight_version=req.weight_version, load_format=req.load_format))
         return _weights_ok(message)
 
-    @route("/update_weights_from_tensor")
+    @app.post("/update_weights_from_tensor")
     async def update_weights_from_tensor(request: Request):
         body = await request.body()
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -132,7 +124,7 @@ def create_app(engine: Engine, api_key: str | None = None, weight_roots: list[st
         return JSONResponse({"success": True, "message": message, "num_paused_requests": 0,
                              "weight_version": engine.weight_version})
 
-    @route("/get_weights_by_name", ("GET", "POST"))
+    @app.api_route("/get_weights_by_name", methods=["GET", "POST"])
     async def get_weights_by_name(request: Request):
         req = schemas.parse(schemas.GetWeightsByNameReq, await request.body())
         try:
@@ -141,7 +133,7 @@ def create_app(engine: Engine, api_key: str | None = None, weight_roots: list[st
             raise ApiError(400, f"unknown weight name {req.name!r}") from None
         return JSONResponse(t[: req.truncate_size].float().tolist())
 
-    @route("/get_weights_checksum", ("GET",))
+    @app.get("/get_weights_checksum")
     async def get_weights_checksum(request: Request):
         h = hashlib.sha256()
         for name, t in sorted(engine.weights.named_hf_tensors(), key=lambda x: x[0]):
@@ -150,11 +142,11 @@ def create_app(engine: Engine, api_key: str | None = None, weight_roots: list[st
             h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
         return JSONResponse({"checksum": h.hexdigest(), "weight_version": engine.weight_version})
 
-    @route("/get_weight_version", ("GET",))
+    @app.get("/get_weight_version")
     async def get_weight_version(request: Request):
         return JSONResponse({"weight_version": engine.weight_version})
 
-    @route("/update_weight_version")
+    @app.post("/update_weight_version")
     async def update_weight_version(request: Request):
         req = schemas.parse(schemas.UpdateWeightVersionReq, await request.body())
         if req.abort_all_requests:
@@ -164,7 +156,7 @@ def create_app(engine: Engine, api_key: str | None = None, weight_roots: list[st
                              "new_version": req.new_version})
 
     # ------------------------------------------------------------------------------------------ control
-    @route("/pause_generation")
+    @app.post("/pause_generation")
     async def pause_generation(request: Request):
         req = schemas.parse(schemas.PauseGenerationReq, await request.body(), allow_empty=True)
         if req.mode == "abort":
@@ -173,14 +165,14 @@ def create_app(engine: Engine, api_key: str | None = None, weight_roots: list[st
         state.paused = True
         return JSONResponse({"message": "Generation paused successfully.", "status": "ok", "mode": req.mode})
 
-    @route("/continue_generation")
+    @app.post("/continue_generation")
     async def continue_generation(request: Request):
         schemas.parse(schemas.ContinueGenerationReq, await request.body(), allow_empty=True)
         engine.continue_generation()
         state.paused = False
         return JSONResponse({"message": "Generation continued successfully.", "status": "ok"})
 
-    @route("/abort_request")
+    @app.post("/abort_request")
     async def abort_request(request: Request):
         req = schemas.parse(schemas.AbortReq, await request.body())
         if req.abort_all:
@@ -191,7 +183,7 @@ def create_app(engine: Engine, api_key: str | None = None, weight_roots: list[st
             raise ApiError(400, "give a 'rid' or 'abort_all': true")
         return JSONResponse({"success": True, "message": "aborted"})
 
-    @route("/flush_cache", ("GET", "POST"))
+    @app.api_route("/flush_cache", methods=["GET", "POST"])
     async def flush_cache(request: Request):
         if engine.flush_cache():
             return JSONResponse({"success": True, "message": "Cache flushed."})
@@ -199,11 +191,11 @@ def create_app(engine: Engine, api_key: str | None = None, weight_roots: list[st
                             status_code=400)
 
     # ------------------------------------------------------------------------------------------ status
-    @route("/health", ("GET", "HEAD"))
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health(request: Request):
         return JSONResponse({"status": "ok"})
 
-    @route("/health_generate", ("GET", "POST"))
+    @app.api_route("/health_generate", methods=["GET", "POST"])
     async def health_generate(request: Request):
         if state.paused:  # healthy, but a probe would wait for /continue_generation
             return JSONResponse({"status": "ok", "paused": True})
@@ -217,7 +209,7 @@ def create_app(engine: Engine, api_key: str | None = None, weight_roots: list[st
             return error_response(503, f"health check generation failed: {type(e).__name__}: {e}")
         return JSONResponse({"status": "ok"})
 
-    @route("/get_model_info", ("GET",))
+    @app.get("/get_model_info")
     async def get_model_info(request: Request):
         info = engine.get_model_info()
         info.update(served_model_name=state.model_name, preferred_sampling_params=None)
@@ -236,16 +228,16 @@ def create_app(engine: Engine, api_key: str | None = None, weight_roots: list[st
             "version": _version(),
         })
 
-    route("/get_server_info", ("GET",))(get_server_info)
-    route("/server_info", ("GET",))(get_server_info)
+    app.add_api_route("/get_server_info", get_server_info, methods=["GET"])
+    app.add_api_route("/server_info", get_server_info, methods=["GET"])
 
-    @route("/get_load", ("GET",))
+    @app.get("/get_load")
     async def get_load(request: Request):
         s = engine.get_stats()
         return JSONResponse([{"dp_rank": 0, "num_reqs": s["running"] + s["waiting"],
                               "num_waiting_reqs": s["waiting"], "num_tokens": s["kv_used_tokens"]}])
 
-    @route("/v1/loads", ("GET",))
+    @app.get("/v1/loads")
     async def v1_loads(request: Request):
         s = engine.get_stats()
         return JSONResponse({"loads": [{"dp_rank": 0, "num_running_reqs": s["running"],
@@ -254,13 +246,11 @@ def create_app(engine: Engine, api_key: str | None = None, weight_roots: list[st
                                         "num_used_tokens": s["kv_used_tokens"],
                                         "max_total_num_tokens": s["kv_capacity_tokens"]}]})
 
-    @route("/metrics", ("GET",))
+    @app.get("/metrics")
     async def prometheus(request: Request):
         text = metrics.render(engine.get_stats(), {"model_name": state.model_name})
         return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    for path, methods, fn in routes:
-        app.add_api_route(path, fn, methods=methods)
     add_openai_routes(app, state)
 
     metrics.known_paths.update(r.path for r in app.routes if hasattr(r, "path"))

@@ -68,10 +68,22 @@ class ServerMetrics:
                self.e2e_latency_sum)
         metric("e2e_request_latency_seconds_count", "counter", "Finished /generate requests timed.",
                self.e2e_latency_count)
+        rounds, accepted = stats.get("spec_verify_rounds"), stats.get("spec_accepted_tokens")
+        if rounds:
+            metric("spec_accept_length", "gauge", "Tokens emitted per speculative verify round (mean).",
+                   accepted / rounds)
+        for key, value in sorted(stats.items()):  # engine counters without a name above, as they come
+            if key not in _NAMED_STATS and isinstance(value, (int, float)) and not isinstance(value, bool):
+                metric(f"engine_{key}", "untyped", f"Engine statistic {key!r}.", value)
         for (path, status), n in sorted(self.http_requests.items()):
             metric("http_requests_total", "counter", "HTTP requests by route and status.", n,
                    f'path="{_escape(path)}",status="{status}"')
         return "\n".join(lines) + "\n"
+
+
+_NAMED_STATS = frozenset({"prompt_tokens", "generated_tokens", "finished_requests", "aborted_requests",
+                          "num_prefill_batches", "num_decode_steps", "running", "waiting", "kv_used_tokens",
+                          "kv_capacity_tokens", "kv_allocated_bytes"})
 
 
 def _escape(v: str) -> str:
