@@ -33,10 +33,12 @@ class Detokenizer:
     def matched_stop(self, output_ids: list[int], stops: list[str], max_stop_len: int) -> str | None:
         """The stop string that the newest token completed, if any (checked on a tail window).
 
-        Every token carries at least one character or one byte of one, so a stop string of k characters
-        lies within the last k + 3 tokens when the newest token completes it.
+        Every token carries at least one byte, but not always a whole character (byte-level BPE splits
+        an emoji into up to 4 tokens), so the window is counted in UTF-8 bytes: a stop string of b bytes
+        lies within the last b + 3 tokens when the newest token completes it.
         """
-        tail = self.decode(output_ids[-(max_stop_len + 3):], skip_special_tokens=False)
+        window = max(max_stop_len, *(len(s.encode("utf-8")) for s in stops)) + 3
+        tail = self.decode(output_ids[-window:], skip_special_tokens=False)
         for s in stops:
             if s in tail:
                 return s
