@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import tlt
+from tlt.engine.engine import EngineError
 from tlt.engine.models.weights import WeightUpdateError
 from tlt.engine.sampling_params import SamplingParamsError
 
@@ -398,6 +399,7 @@ BAD_REQUESTS = [
     (dict(input_ids=[5], sampling_params={"min_new_tokens": -2}), SamplingParamsError, "min_new_tokens"),
     (dict(input_ids=[5], sampling_params={"temperature": -0.5}), SamplingParamsError, "temperature"),
     (dict(input_ids=[5], sampling_params={"temperature": float("nan")}), SamplingParamsError, "temperature"),
+    (dict(input_ids=[5], sampling_params={"temperature": float("inf")}), SamplingParamsError, "temperature"),
     (dict(input_ids=[5], sampling_params={"top_p": 0.0}), SamplingParamsError, "top_p"),
     (dict(input_ids=[5], sampling_params={"top_k": 0}), SamplingParamsError, "top_k"),
     (dict(input_ids=[5], sampling_params={"min_p": 1.5}), SamplingParamsError, "min_p"),
@@ -623,3 +625,21 @@ def test_model_info_and_flush_cache(eng, qwen3):
     assert eng.flush_cache() is True
     assert eng.kv.allocated_bytes() == 0
     assert eng.generate(input_ids=[5, 6, 7], sampling_params=greedy(4))["meta_info"]["completion_tokens"] == 4
+
+
+def test_engine_arguments_are_validated_and_shutdown_is_final(fresh, qwen3):
+    with pytest.raises(TypeError, match="unknown engine argument"):
+        tlt.Engine(qwen3, no_such_knob=1)
+    with pytest.raises(ValueError, match="dtype"):
+        tlt.Engine(qwen3, dtype="float8")
+    with pytest.raises(ValueError, match="kv_cache_bytes"):  # less than one full-length sequence
+        tlt.Engine(qwen3, dtype="float32", kv_cache_bytes=1000)
+    e = fresh(qwen3)
+    it = e.generate(input_ids=[5, 6, 7], sampling_params=greedy(8), stream=True)
+    next(it)
+    e.shutdown()
+    assert next(it)["meta_info"]["finish_reason"]["type"] == "abort"
+    with pytest.raises(EngineError):
+        e.generate(input_ids=[5, 6], sampling_params=greedy(2))
+    with pytest.raises(EngineError):
+        e.update_weights_from_tensor([])

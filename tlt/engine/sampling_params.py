@@ -89,7 +89,9 @@ class SamplingParams:
 
         need(is_int(self.max_new_tokens) and self.max_new_tokens >= 0, "max_new_tokens must be an integer >= 0")
         need(is_int(self.min_new_tokens) and self.min_new_tokens >= 0, "min_new_tokens must be an integer >= 0")
-        need(is_num(self.temperature) and self.temperature >= 0, "temperature must be a number >= 0")
+        # finite: logits / inf is 0 (or NaN where a logit is -inf, e.g. EOS banned by min_new_tokens)
+        need(is_num(self.temperature) and 0 <= self.temperature < float("inf"),
+             "temperature must be a finite number >= 0")
         need(is_num(self.top_p) and 0 < self.top_p <= 1, "top_p must be in (0, 1]")
         need(is_int(self.top_k) and (self.top_k == -1 or self.top_k >= 1), "top_k must be -1 (all) or >= 1")
         need(is_num(self.min_p) and 0 <= self.min_p <= 1, "min_p must be in [0, 1]")
