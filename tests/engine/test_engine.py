@@ -217,12 +217,15 @@ def test_ignore_eos_keeps_generating(eos_engine):
                               sampling_params={"temperature": 0, "max_new_tokens": 5, "ignore_eos": True})
     assert out["output_ids"] == [EOS] * 5
     assert out["meta_info"]["finish_reason"] == {"type": "length", "length": 5}
+    assert out["text"] == ""  # special tokens skipped by default
+    raw = eos_engine.generate(input_ids=[100, 200, 300], sampling_params={
+        "temperature": 0, "max_new_tokens": 2, "ignore_eos": True, "skip_special_tokens": False})
+    assert raw["text"] == "<|im_end|><|im_end|>"
 
 
-def _stable_texts(eng, ids):
-    """decode(ids[:i]) for every i, and whether each is a prefix of the next (no split UTF-8 bytes)."""
-    texts = [eng.tokenizer.decode(ids[:i], skip_special_tokens=True) for i in range(len(ids) + 1)]
-    return texts
+def _texts(eng, ids) -> list[str]:
+    """decode(ids[:i]) for i = 0 .. len(ids)."""
+    return [eng.tokenizer.decode(ids[:i], skip_special_tokens=True) for i in range(len(ids) + 1)]
 
 
 @pytest.fixture(scope="module")
@@ -231,7 +234,7 @@ def reference_run(eng):
     for seed in range(20, 40):
         prompt = random_prompts((6,), seed=seed)[0]
         ids = eng.generate(input_ids=prompt, sampling_params=greedy(14))["output_ids"]
-        texts = _stable_texts(eng, ids)
+        texts = _texts(eng, ids)
         ok = all(texts[i + 1].startswith(texts[i]) and len(texts[i + 1]) > len(texts[i]) for i in range(14))
         if ok and "\ufffd" not in texts[-1] and len(set(ids)) == len(ids):
             return prompt, ids, texts
