@@ -132,3 +132,14 @@ def test_openai_errors_are_4xx(client):
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model=MODEL, prompt="x", max_tokens=-2)
     assert client.completions.create(model=MODEL, prompt="still serving", max_tokens=1).choices
+
+
+def test_completion_scores_a_prompt(client, tokenizer):
+    # echo + max_tokens=0 + logprobs: the log-probabilities of the prompt itself (evaluation harnesses)
+    ids = tokenizer.encode("the quick brown fox")
+    c = client.completions.create(model=MODEL, prompt=ids, max_tokens=0, echo=True, logprobs=1)
+    lp = c.choices[0].logprobs
+    assert c.usage.completion_tokens == 0 and len(lp.tokens) == len(ids)
+    assert lp.token_logprobs[0] is None and all(x < 0 for x in lp.token_logprobs[1:])
+    chat = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=0)
+    assert chat.usage.completion_tokens == 0 and chat.choices[0].message.content == ""

@@ -95,7 +95,8 @@ def add_openai_routes(app: FastAPI, state: ServerState) -> None:
     async def chat_completions(request: Request):
         req = schemas.parse(schemas.ChatCompletionRequest, await request.body())
         ids = _chat_prompt_ids(engine.tokenizer, req)
-        max_tokens = req.max_completion_tokens or req.max_tokens or engine.context_length
+        max_tokens = next((x for x in (req.max_completion_tokens, req.max_tokens) if x is not None),
+                          engine.context_length)  # the engine clips it to the room left in the context
         kwargs = dict(input_ids=ids, sampling_params=req.sampling_params(max_tokens),
                       return_logprob=req.logprobs,
                       top_logprobs_num=(req.top_logprobs or 0) if req.logprobs else 0,
