@@ -39,7 +39,7 @@ from tlt.engine.models.weights import (
 )
 from tlt.engine.request import RequestGroup, Sequence, SeqStatus
 from tlt.engine.runner import ModelRunner
-from tlt.engine.sampling import apply_penalties, build_sampling_batch, sample, seeded_uniform
+from tlt.engine.sampling import apply_penalties, build_sampling_batch, sample, seeded_gumbel
 from tlt.engine.sampling_params import SamplingParams, SamplingParamsError
 from tlt.engine.scheduler import Scheduler
 
@@ -611,13 +611,19 @@ class Engine:
         depth = tree.depth if tree is not None else torch.zeros((B, 1), dtype=torch.int64, device=dev)
         D = int(depth.max()) + 1
         # One uniform per (row, output position): nodes of equal depth share it, only one is ever emitted.
-        u = torch.rand((B, D), generator=self.generator)
+        u = torch.rand((B, D), generator=self.generator).to(dev).gather(1, depth)  # [B, N]
+        gumbel: dict[int, torch.Tensor] = {}
+        depth_list = depth.tolist()
         for i, s in enumerate(seqs):
-            if s.params.sampling_seed is not None:
-                for d in range(D):
-                    u[i, d] = seeded_uniform(s.params.sampling_seed, s.sample_index, len(s.output_ids) + d)
-        u = u.to(dev).gather(1, depth)  # [B, N]
-        tokens, logprobs = sample(logits.reshape(B * N, V), sb, u.reshape(-1))
+            p = s.params
+            if p.sampling_seed is not None and not p.greedy:
+                noise = {}
+                for j in range(N):  # nodes of equal depth share their position's noise
+                    d = depth_list[i][j]
+                    if d not in noise:
+                        noise[d] = seeded_gumbel(p.sampling_seed, s.sample_index, len(s.output_ids) + d, V, dev)
+                    gumbel[i * N + j] = noise[d]
+        tokens, logprobs = sample(logits.reshape(B * N, V), sb, u.reshape(-1), gumbel)
         target = tokens.view(B, N).tolist()
         paths = [[0] for _ in range(B)]
         if tree is not None:

@@ -36,6 +36,20 @@ def seeded_uniform(seed: int, sample_index: int, position: int) -> float:
     return (h >> 40) * (1.0 / (1 << 24))
 
 
+def seeded_gumbel(seed: int, sample_index: int, position: int, vocab_size: int, device) -> torch.Tensor:
+    """Gumbel noise [vocab] that depends only on (seed, sample index, output position).
+
+    Seeded rows sample by Gumbel-max rather than by inverse CDF: argmax(log p + g) changes only if the
+    top two perturbed scores are within float error, whereas an inverse-CDF lookup over a flat 50k-token
+    distribution moves to a neighbouring token whenever the cumulative sum shifts by one ulp — and the
+    speculative verify pass (several tokens per row) and plain decode (one) differ in the last bit.
+    """
+    h = _splitmix64(_splitmix64(_splitmix64(seed & _MASK64) ^ (sample_index & _MASK64)) ^ (position & _MASK64))
+    g = torch.Generator(device="cpu").manual_seed(h & ((1 << 63) - 1))
+    u = torch.rand(vocab_size, generator=g, dtype=torch.float64).clamp_(min=1e-300)
+    return (-torch.log(-torch.log(u))).float().to(device)
+
+
 @dataclass
 class SamplingBatch:
     """Per-row sampling settings of one batch, as tensors (built once per step)."""
@@ -121,12 +135,23 @@ def inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     return idx.clamp_(max=probs.shape[-1] - 1)
 
 
-def sample(logits: torch.Tensor, sb: SamplingBatch, uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [B, V] (penalties applied) -> (tokens [B], logprobs [B, V] of the temperature-scaled dist)."""
+def sample(logits: torch.Tensor, sb: SamplingBatch, uniforms: torch.Tensor,
+           gumbel: dict[int, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [B, V] (penalties applied) -> (tokens [B], logprobs [B, V] of the temperature-scaled dist).
+
+    Rows in `gumbel` (row -> noise [V], see `seeded_gumbel`) draw by Gumbel-max over the warped
+    distribution; the others by inverse CDF with their uniform. Both are exact draws."""
     scaled = scaled_logits(logits, sb)
     logprobs = torch.log_softmax(scaled, dim=-1)
     greedy_tok = logits.argmax(dim=-1)
     if sb.all_greedy:
         return greedy_tok, logprobs
-    drawn = inverse_cdf(warped_probs(scaled, sb), uniforms)
+    probs = warped_probs(scaled, sb)
+    drawn = inverse_cdf(probs, uniforms)
+    if gumbel:
+        rows = torch.tensor(list(gumbel), device=logits.device)
+        noise = torch.stack(list(gumbel.values()))
+        kept = probs[rows] > 0
+        perturbed = torch.where(kept, logprobs[rows] + noise, torch.full_like(noise, float("-inf")))
+        drawn[rows] = perturbed.argmax(dim=-1)
     return torch.where(sb.greedy, greedy_tok, drawn), logprobs

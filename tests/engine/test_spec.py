@@ -1,0 +1,263 @@
+"""Speculative decoding is lossless: token-identical greedy and seeded outputs, target logprobs, and
+exactly the target's distribution for unseeded sampling (chi-square), chain and tree."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tlt
+from tiny_models import make_tiny_checkpoint
+from tlt.engine.spec.drafter import EagleDrafter
+from tlt.engine.spec.tree import DraftTree, ancestor_matrix, select_tree, tree_attention_mask
+
+CONFIGS = [(3, 1, None), (4, 2, 6), (3, 3, 10)]  # (steps, topk, num_draft_tokens): chain and trees
+PROMPTS = [[5, 6, 7, 8, 9, 10], [100, 200, 300], [1000] * 20, [7]]
+
+
+@pytest.fixture(scope="module")
+def target_dir(tiny_models):
+    return tiny_models["llama"]
+
+
+@pytest.fixture(scope="module")
+def drafter_dir(target_dir, tmp_path_factory):
+    base = tlt.Engine(target_dir, dtype="float32")
+    d = str(tmp_path_factory.mktemp("drafter"))
+    EagleDrafter.random(base.model_config, seed=1, draft_vocab_size=4096).save(d)
+    base.shutdown()
+    return d
+
+
+@pytest.fixture(scope="module")
+def base_engine(target_dir):
+    e = tlt.Engine(target_dir, dtype="float32", random_seed=0)
+    yield e
+    e.shutdown()
+
+
+def spec_engine(target_dir, drafter_dir, steps, topk, ndt, **kw):
+    return tlt.Engine(target_dir, dtype="float32", random_seed=0, speculative_draft_model_path=drafter_dir,
+                      speculative_num_steps=steps, speculative_eagle_topk=topk,
+                      speculative_num_draft_tokens=ndt, **kw)
+
+
+def _lps(out):
+    return [lp for lp, _, _ in out["meta_info"]["output_token_logprobs"]]
+
+
+@pytest.mark.parametrize("sp", [
+    {"temperature": 0},
+    {"temperature": 1.0, "sampling_seed": 3},
+    {"temperature": 0.8, "top_p": 0.9, "top_k": 50, "sampling_seed": 5, "n": 2},
+], ids=["greedy", "seeded-T1", "seeded-topp-topk-n2"])
+@pytest.mark.parametrize("cfg", CONFIGS, ids=["chain", "tree-k2", "tree-k3"])
+def test_random_drafter_token_identical(base_engine, target_dir, drafter_dir, sp, cfg):
+    """Acceptance near zero is the hard case: every round discards rejected K/V."""
+    sp = dict(sp, max_new_tokens=24, ignore_eos=True)
+    ref = base_engine.generate(input_ids=PROMPTS, sampling_params=sp, return_logprob=True)
+    e = spec_engine(target_dir, drafter_dir, *cfg)
+    out = e.generate(input_ids=PROMPTS, sampling_params=sp, return_logprob=True)
+    assert [o["output_ids"] for o in out] == [o["output_ids"] for o in ref]
+    for a, b in zip(out, ref):
+        assert torch.allclose(torch.tensor(_lps(a)), torch.tensor(_lps(b)), atol=1e-4)
+        assert a["meta_info"]["spec_verify_ct"] > 0
+    e.shutdown()
+
+
+class OracleDraft:
+    """Replaces SpecWorker.draft: proposes the reference continuation, corrupted at a random depth, with
+    wrong siblings — so rounds accept 0..all draft tokens and the accepted path is not node 1, 2, ..."""
+
+    def __init__(self, worker, refs, steps, topk, seed=0):
+        self.worker, self.refs, self.steps, self.topk = worker, refs, steps, topk
+        self.g = torch.Generator().manual_seed(seed)
+
+    def __call__(self, seqs, root_h, root_logp, cfg):
+        B, k = len(seqs), self.topk
+        toks, pars, deps = [], [], []
+        for s in seqs:
+            ref = self.refs[tuple(s.prompt_ids)][s.sample_index]
+            done = len(s.output_ids)
+            cont = ref[done: done + self.steps]
+            cont += [1] * (self.steps - len(cont))
+            bad = int(torch.randint(0, self.steps + 1, (1,), generator=self.g))
+            nodes_t, nodes_p, nodes_d = [s.output_ids[-1]], [-1], [0]
+            parent = 0
+            for d in range(self.steps):
+                true_tok = cont[d] if d < bad else (cont[d] + 7) % 4096
+                # wrong siblings first, then the (maybe corrupted) main line: the path is not 1, 2, ...
+                for j in range(k - 1):
+                    nodes_t.append((cont[d] + 11 + j) % 4096)
+                    nodes_p.append(parent)
+                    nodes_d.append(d + 1)
+                nodes_t.append(true_tok)
+                nodes_p.append(parent)
+                nodes_d.append(d + 1)
+                parent = len(nodes_t) - 1
+            toks.append(nodes_t)
+            pars.append(nodes_p)
+            deps.append(nodes_d)
+        dev = root_h.device
+        return DraftTree(torch.tensor(toks, device=dev), torch.tensor(pars, device=dev),
+                         torch.tensor(deps, device=dev))
+
+
+@pytest.mark.parametrize("topk", [1, 2])
+@pytest.mark.parametrize("sp", [{"temperature": 0}, {"temperature": 1.0, "sampling_seed": 11, "n": 3}],
+                         ids=["greedy", "seeded-n3"])
+def test_partial_acceptance_token_identical(base_engine, target_dir, drafter_dir, sp, topk):
+    """A drafter that is often right: accepted paths of every length, K/V moved into place."""
+    steps = 4
+    sp = dict(sp, max_new_tokens=30, ignore_eos=True)
+    ref = base_engine.generate(input_ids=PROMPTS, sampling_params=sp, return_logprob=True)
+    n = sp.get("n", 1)
+    refs = {tuple(p): [ref[i * n + j]["output_ids"] for j in range(n)] for i, p in enumerate(PROMPTS)}
+    e = spec_engine(target_dir, drafter_dir, steps, topk, 1 + steps * topk)
+    e.spec.draft = OracleDraft(e.spec, refs, steps, topk)
+    out = e.generate(input_ids=PROMPTS, sampling_params=sp, return_logprob=True)
+    assert [o["output_ids"] for o in out] == [o["output_ids"] for o in ref]
+    for a, b in zip(out, ref):
+        assert torch.allclose(torch.tensor(_lps(a)), torch.tensor(_lps(b)), atol=1e-4)
+    hist = [0] * (steps + 1)
+    for o in out:
+        for i, c in enumerate(o["meta_info"]["spec_accept_histogram"]):
+            hist[i] += c
+    assert all(c > 0 for c in hist[1:]), hist  # every accept length occurred
+    assert e.stats["spec_accepted_tokens"] > 0
+    e.shutdown()
+
+
+def test_requests_join_and_leave(base_engine, target_dir, drafter_dir):
+    """Different lengths and a late arrival in one continuous batch, tree config."""
+    sps = [{"temperature": 0, "max_new_tokens": m, "ignore_eos": True} for m in (3, 17, 9, 30)]
+    ref = base_engine.generate(input_ids=PROMPTS, sampling_params=sps)
+    e = spec_engine(target_dir, drafter_dir, 3, 2, 5)
+    e.generate(input_ids=PROMPTS[:2], sampling_params=sps[:2])  # warm rows, then a fresh mixed batch
+    out = e.generate(input_ids=PROMPTS, sampling_params=sps)
+    assert [o["output_ids"] for o in out] == [o["output_ids"] for o in ref]
+    assert e.kv.num_rows == 0
+    e.shutdown()
+
+
+def test_penalties_fall_back_exactly(base_engine, target_dir, drafter_dir):
+    sp = {"temperature": 0, "max_new_tokens": 20, "repetition_penalty": 1.3, "ignore_eos": True}
+    ref = base_engine.generate(input_ids=PROMPTS[:2], sampling_params=sp)
+    e = spec_engine(target_dir, drafter_dir, 3, 1, None)
+    out = e.generate(input_ids=PROMPTS[:2], sampling_params=sp)
+    assert [o["output_ids"] for o in out] == [o["output_ids"] for o in ref]
+    e.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------- trees
+def test_tree_mask_and_selection():
+    parent = torch.tensor([[-1, 0, 0, 1, 3]])
+    anc = ancestor_matrix(parent)
+    assert anc[0, 4].tolist() == [True, True, False, True, True]
+    mask = tree_attention_mask(torch.tensor([2]), anc, 7)[0, 0]
+    assert mask[0].tolist() == [True, True, True, False, False, False, False]  # root: prefix + itself
+    assert mask[2].tolist() == [True, True, True, False, True, False, False]  # node 2: root + itself
+    assert mask[4].tolist() == [True, True, True, True, False, True, True]  # node 4: 0, 1, 3, itself
+    # selection keeps the tree closed and ranks by cumulative log-probability
+    tok = torch.tensor([[10, 11, 12, 13]])
+    score = torch.tensor([[-0.1, -2.0, -0.1, -0.3]])  # cand 2 (child of 0) ties its parent: parent first
+    par = torch.tensor([[-1, -1, 0, 2]])
+    dep = torch.tensor([[1, 1, 2, 3]])
+    t = select_tree(tok, score, par, dep, 4)
+    assert t.tokens[0, 1:].tolist() == [10, 12, 13]
+    assert t.parent[0].tolist() == [-1, 0, 1, 2]
+
+
+# ---------------------------------------------------------------------------------------------- chi-square
+@pytest.fixture(scope="module")
+def small_vocab(tmp_path_factory, smol_tokenizer_dir):
+    d = make_tiny_checkpoint(tmp_path_factory.mktemp("v16"), "llama", smol_tokenizer_dir, seed=3, vocab_size=16)
+    base = tlt.Engine(d, dtype="float32")
+    dd = str(tmp_path_factory.mktemp("v16_drafter"))
+    EagleDrafter.random(base.model_config, seed=2).save(dd)
+    base.shutdown()
+    return d, dd
+
+
+def _exact_joint(model_dir, prompt, sp):
+    """P(t1, t2 | prompt) of the target's warped distribution, by enumeration with transformers."""
+    from transformers import AutoModelForCausalLM
+
+    from tlt.engine.sampling import build_sampling_batch, scaled_logits, warped_probs
+    from tlt.engine.sampling_params import SamplingParams
+
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    p = SamplingParams.from_any(sp)
+
+    def dist(ids):
+        with torch.no_grad():
+            logits = hf(torch.tensor([ids])).logits[:, -1].float()
+        sb = build_sampling_batch([p], logits.shape[-1], "cpu")
+        w = warped_probs(scaled_logits(logits, sb), sb)[0]
+        return (w / w.sum()).double()
+
+    p1 = dist(prompt)
+    V = p1.shape[0]
+    joint = torch.zeros(V, V, dtype=torch.float64)
+    for a in range(V):
+        if p1[a] > 0:
+            joint[a] = p1[a] * dist(prompt + [a])
+    return joint
+
+
+@pytest.mark.parametrize("cfg", [(2, 1, None), (2, 3, 7)], ids=["chain", "tree"])
+@pytest.mark.parametrize("warp", [{"temperature": 1.0}, {"temperature": 1.0, "top_k": 8, "top_p": 0.9}],
+                         ids=["T1", "topk-topp"])
+def test_unseeded_sampling_matches_target_distribution(small_vocab, cfg, warp):
+    """Chi-square over 20k two-token draws (the second token comes after an accept or a rejection)."""
+    from scipy.stats import chisquare
+
+    model_dir, drafter = small_vocab
+    prompt = [3, 5, 7]
+    sp = dict(warp, max_new_tokens=2, ignore_eos=True, n=1000)
+    joint = _exact_joint(model_dir, prompt, warp)
+    e = spec_engine(model_dir, drafter, *cfg, max_running_requests=1024)
+    steps, topk, _ = cfg
+    # A deterministic proposer that is often right: the target's own most likely tokens.
+    first = joint.sum(1).topk(topk).indices.tolist()
+    second = [int(joint[a].argmax()) for a in first]
+
+    def fixed_tree(seqs, root_h, root_logp, _cfg):
+        rows = []
+        for s in seqs:
+            if len(s.output_ids) == 1:  # drafting the second token: a chain from the first
+                rows.append(([s.output_ids[-1], int(joint[s.output_ids[-1]].argmax())], [-1, 0], [0, 1]))
+            else:
+                toks, par, dep = [s.output_ids[-1]], [-1], [0]
+                for a, b in zip(first, second):
+                    toks += [a, b]
+                    par += [0, len(toks) - 2]
+                    dep += [1, 2]
+                rows.append((toks[: _cfg.num_draft_tokens], par[: _cfg.num_draft_tokens],
+                             dep[: _cfg.num_draft_tokens]))
+        width = max(len(r[0]) for r in rows)
+        pad = lambda r: (r[0] + [0] * (width - len(r[0])), r[1] + [0] * (width - len(r[1])),  # noqa: E731
+                         r[2] + [1] * (width - len(r[2])))
+        rows = [pad(r) for r in rows]
+        return DraftTree(*(torch.tensor([r[i] for r in rows]) for i in range(3)))
+
+    e.spec.draft = fixed_tree
+    counts = torch.zeros(16, 16, dtype=torch.float64)
+    for _ in range(20):
+        for o in e.generate(input_ids=prompt, sampling_params=sp):
+            a, b = o["output_ids"]
+            counts[a, b] += 1
+    assert e.stats["spec_accepted_tokens"] > 0  # some second tokens came from accepted drafts
+    e.shutdown()
+    mask = joint > 0
+    assert counts[~mask].sum() == 0  # nothing outside the warped support
+    obs, exp = counts[mask], joint[mask] * counts.sum()
+    # pool rare cells so that expected counts are >= 5
+    rare = exp < 5
+    obs = torch.cat([obs[~rare], obs[rare].sum().view(1)]) if rare.any() else obs
+    exp = torch.cat([exp[~rare], exp[rare].sum().view(1)]) if rare.any() else exp
+    exp = exp * obs.sum() / exp.sum()  # float rounding of the enumeration
+    p = chisquare(obs.numpy(), exp.numpy()).pvalue
+    assert p > 0.01, p
+
+
