@@ -10,6 +10,13 @@ Point a trainer's SGLang URL (verl, slime, AReaL) or an OpenAI client at it. End
 - status: /health, /health_generate, /get_model_info, /get_server_info (= /server_info), /get_load,
   /v1/loads, /metrics (Prometheus)
 
+Semantics worth knowing: a weight update is atomic (validated whole before anything changes; on any error
+the old weights stay and `weight_version` does not move) and lands between two engine steps; requests in
+flight then continue on the new weights with the KV they have (send `abort_all_requests`, or pause with
+`mode: abort`, to end them first). A client that disconnects aborts its request. The engine steps on the
+event loop, so while it generates, each loop turn costs one engine step: pause before a large
+`update_weights_from_tensor` upload, or use `update_weights_from_disk`.
+
 Security (see security.py): binds 127.0.0.1 unless told otherwise; binding elsewhere requires
 `--api-key` (then every endpoint but /health needs `Authorization: Bearer KEY`) and `--weight-roots`
 (the only folders /update_weights_from_disk may read). Bodies are limited in size; every bad request gets
