@@ -7,15 +7,11 @@ import torch
 
 
 @pytest.fixture(autouse=True)
-def _one_thread_for_tiny_models(request):
-    """Tiny models are overhead-bound: one torch thread is as fast, and on a busy 2-core machine it avoids
-    OpenMP barriers waiting for a descheduled second thread (measured: 15-40x slower with two). Tests that
-    use the real model (marked slow) keep torch's default."""
-    if request.node.get_closest_marker("slow"):
-        yield
-        return
+def _one_torch_thread():
+    """One torch thread for every engine test. Tiny models are overhead-bound, so one thread is as fast;
+    SmolLM2 is ~1.6x slower uncontended. But on a shared 2-core machine, two OpenMP threads wait at every
+    barrier for a descheduled peer: measured 15-40x slower while another process used one core."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
