@@ -99,6 +99,22 @@ def cmd_demo(args) -> None:
     engine.shutdown()
 
 
+def cmd_train_drafter(args) -> None:
+    import json
+
+    from tlt.drafter_sync.training import train_offline
+
+    if args.dtype == "auto":
+        args.dtype = "bfloat16"
+    engine = _make_engine(args)
+    res = train_offline(engine, args.out, num_prompts=args.num_prompts, max_new_tokens=args.max_new_tokens,
+                        max_steps=args.max_steps, ttt_steps=args.ttt_steps,
+                        draft_vocab_size=args.draft_vocab_size, batch_size=args.batch_size, lr=args.lr,
+                        seed=args.random_seed, time_budget_s=args.time_budget, log=lambda m: print(m, flush=True))
+    print(json.dumps(res))
+    engine.shutdown()
+
+
 def cmd_bench(args, rest: list[str]) -> None:
     if args.which == "engine":
         from benchmarks.engine_throughput import main as bench_main
@@ -132,13 +148,24 @@ def main(argv: list[str] | None = None) -> None:
     b = sub.add_parser("bench", help="benchmarks: engine", add_help=False)
     b.add_argument("which", choices=["engine"])
     sub.add_parser("serve", help="SGLang-compatible HTTP server (see tlt serve --help)", add_help=False)
+    t = sub.add_parser("train-drafter", help="train an EAGLE-style drafter on the engine's own outputs")
+    _engine_args(t)
+    t.add_argument("--out", required=True, help="folder to write (config.json + model.safetensors)")
+    t.add_argument("--num-prompts", type=int, default=256)
+    t.add_argument("--max-new-tokens", type=int, default=160)
+    t.add_argument("--max-steps", type=int, default=600)
+    t.add_argument("--ttt-steps", type=int, default=3, help="training-time-test depth")
+    t.add_argument("--draft-vocab-size", type=int, default=8192)
+    t.add_argument("--batch-size", type=int, default=8)
+    t.add_argument("--lr", type=float, default=2e-3)
+    t.add_argument("--time-budget", type=float, default=None, help="stop training after this many seconds")
     if argv and argv[0] == "serve":
         return cmd_serve(argv[1:])
     if argv and argv[0] == "bench":
         args, rest = p.parse_known_args(argv)
         return cmd_bench(args, rest)
     args = p.parse_args(argv)
-    {"generate": cmd_generate, "demo": cmd_demo}[args.cmd](args)
+    {"generate": cmd_generate, "demo": cmd_demo, "train-drafter": cmd_train_drafter}[args.cmd](args)
 
 
 if __name__ == "__main__":

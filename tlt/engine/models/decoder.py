@@ -111,7 +111,8 @@ class DecoderLayer(nn.Module):
         self.down = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
         self.intermediate = cfg.intermediate_size
 
-    def forward(self, x, cos, sin, k_cache, v_cache, batch: AttentionBatch):
+    def qkv_rotated(self, x, cos, sin):
+        """x [B, T, H] -> q [B, T, heads, D], k and v [B, T, kv_heads, D] (rotary applied)."""
         B, T, _ = x.shape
         h = self.input_norm(x)
         qk, v = self.qkv(h).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
@@ -122,19 +123,28 @@ class DecoderLayer(nn.Module):
             qk = torch.cat([self.q_norm(q), self.k_norm(k)], dim=2)
         # q and k rotated together: half the elementwise launches of doing them one by one.
         q, k = apply_rotary(qk, cos, sin).split([self.num_heads, self.num_kv_heads], dim=2)
-        # cache layout [rows, kv_heads, max_len, head_dim]: a batch's keys are a strided view, no gather.
-        slots = batch.positions if batch.slots is None else batch.slots
-        k_cache[batch.write_rows, :, slots] = k
-        v_cache[batch.write_rows, :, slots] = v
-        rows = slice(batch.row_start, batch.row_start + B)
-        keys = k_cache[rows, :, : batch.kv_len]  # [B, kv_heads, L, D]
-        values = v_cache[rows, :, : batch.kv_len]
+        return q, k, v
+
+    def attend_and_mlp(self, x, q, keys, values, mask):
+        """Attention of q [B, T, heads, D] over keys/values [B, kv_heads, L, D], then the MLP block."""
+        B, T = q.shape[:2]
         attn = F.scaled_dot_product_attention(
-            q.transpose(1, 2), keys, values, attn_mask=batch.mask, enable_gqa=True
+            q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=True
         )  # [B, heads, T, D]
         x = x + self.o_proj(attn.transpose(1, 2).reshape(B, T, self.q_size))
         gate, up = self.gate_up(self.post_norm(x)).split(self.intermediate, dim=-1)
         return x + self.down(F.silu(gate) * up)
+
+    def forward(self, x, cos, sin, k_cache, v_cache, batch: AttentionBatch):
+        q, k, v = self.qkv_rotated(x, cos, sin)
+        # cache layout [rows, kv_heads, max_len, head_dim]: a batch's keys are a strided view, no gather.
+        slots = batch.positions if batch.slots is None else batch.slots
+        k_cache[batch.write_rows, :, slots] = k
+        v_cache[batch.write_rows, :, slots] = v
+        rows = slice(batch.row_start, batch.row_start + x.shape[0])
+        keys = k_cache[rows, :, : batch.kv_len]  # [B, kv_heads, L, D]
+        values = v_cache[rows, :, : batch.kv_len]
+        return self.attend_and_mlp(x, q, keys, values, batch.mask)
 
 
 class DecoderLM(nn.Module):

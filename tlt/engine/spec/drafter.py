@@ -68,9 +68,16 @@ class EagleDrafter(nn.Module):
     def forward(self, token_embeds: torch.Tensor, features: torch.Tensor, cos, sin, k_cache, v_cache,
                 batch: AttentionBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, T, H] x 2 -> (output feature [B, T, H], draft logits [B, T, draft_vocab] float32)."""
-        x = self.in_proj(torch.cat([self.emb_norm(token_embeds), self.feat_norm(features)], dim=-1))
-        h = self.layer(x, cos, sin, k_cache, v_cache, batch)
-        return h, F.linear(self.norm(h), self.lm_head.weight).float()
+        h = self.layer(self.layer_input(token_embeds, features), cos, sin, k_cache, v_cache, batch)
+        return h, self.head(h)
+
+    def layer_input(self, token_embeds: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """[..., H] x 2 -> the decoder layer's input [..., H]."""
+        return self.in_proj(torch.cat([self.emb_norm(token_embeds), self.feat_norm(features)], dim=-1))
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Layer output [..., H] -> draft logits [..., draft_vocab] in float32."""
+        return F.linear(self.norm(h), self.lm_head.weight).float()
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str) -> None:

@@ -1,0 +1,242 @@
+"""Drafter training: data from the engine itself, the multi-step "training-time test" loss, a loop.
+
+Data. Prompts -> the target's own generations (the engine) -> one target forward over each whole
+sequence, capturing the hidden states of the drafter's three aux layers and the target's next-token
+distribution at every position. Nothing but the engine's model is needed.
+
+Loss (EAGLE-3's training-time test). Step 1 feeds (token p+1, target feature p) at every position p and
+predicts the target's distribution for token p+2. Step k feeds (token p+1, the drafter's own step-(k-1)
+output at p-1) and attends exactly as inference does at draft depth k: to step-1 entries at positions
+<= p-k+1 (what catch-up wrote from target features), to the step-j entry at position p-k+j for
+1 < j < k (its ancestors in the draft), and to itself. Step k's loss is weighted 0.8^(k-1). Labels are
+the target's probabilities renormalised over the draft vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from tlt.engine.spec.drafter import EagleDrafter
+
+
+@dataclass
+class DrafterBatch:
+    """Padded training sequences: tokens [B, T], aux hidden [B, T, 3H], target logprobs over the draft
+    vocabulary [B, T, Vd] (for the token after each position), valid [B, T]."""
+
+    tokens: torch.Tensor
+    aux: torch.Tensor
+    target_logp: torch.Tensor
+    valid: torch.Tensor
+
+
+@torch.inference_mode()
+def target_features(engine, sequences: list[list[int]], d2t: torch.Tensor, batch_size: int = 8) -> list[dict]:
+    """Run the engine's target over whole sequences: aux hidden states and draft-vocab label logprobs."""
+    from tlt.engine.kv_cache import KVCache
+    from tlt.engine.runner import ModelRunner
+
+    model = engine.model
+    aux_layers = EagleDrafterAux.layers(engine.model_config)
+    out = []
+    longest = max(len(s) for s in sequences)
+    kv = KVCache(engine.model_config, engine.dtype, engine.device,
+                 capacity_bytes=batch_size * (longest + 256) * engine.kv.bytes_per_token + (1 << 20),
+                 max_rows=batch_size, max_len=longest + 128)
+    runner = ModelRunner(model, kv, engine.device)
+    d2t = d2t.to(engine.device)
+
+    class _Row:
+        kv_len = 0
+
+    for i in range(0, len(sequences), batch_size):
+        chunk = sequences[i: i + batch_size]
+        kv.clear()
+        for _ in chunk:
+            kv.add(_Row(), longest)
+        hidden, captured = runner.prefill(chunk, 0, aux_layers)
+        logits = model.logits(hidden)  # [b, T, V]
+        label = torch.log_softmax(logits[..., d2t], dim=-1)  # renormalised over the draft vocabulary
+        aux = torch.cat(captured, dim=-1)
+        for b, seq in enumerate(chunk):
+            n = len(seq)
+            out.append({"tokens": torch.tensor(seq), "aux": aux[b, :n].float().cpu(),
+                        "target_logp": label[b, :n].to(torch.bfloat16).cpu()})
+    kv.clear()
+    return out
+
+
+class EagleDrafterAux:
+    """Which target layers feed the drafter (EAGLE-3: low, middle, high)."""
+
+    @staticmethod
+    def layers(mc) -> tuple[int, int, int]:
+        from tlt.engine.spec.drafter import DrafterConfig
+
+        return DrafterConfig.for_target(mc).aux_layers
+
+
+def draft_vocab(sequences: list[list[int]], size: int, vocab_size: int) -> torch.Tensor:
+    """The `size` most frequent tokens in the data (ties and unseen tokens by id): the d2t map."""
+    counts = torch.zeros(vocab_size, dtype=torch.float64)
+    for s in sequences:
+        counts.index_add_(0, torch.tensor(s), torch.ones(len(s), dtype=torch.float64))
+    counts -= torch.arange(vocab_size, dtype=torch.float64) * 1e-9  # deterministic tie-break
+    return counts.topk(min(size, vocab_size)).indices.sort().values
+
+
+def collate(items: list[dict]) -> DrafterBatch:
+    T = max(len(x["tokens"]) for x in items)
+    B = len(items)
+    H3 = items[0]["aux"].shape[-1]
+    Vd = items[0]["target_logp"].shape[-1]
+    tokens = torch.zeros((B, T), dtype=torch.int64)
+    aux = torch.zeros((B, T, H3))
+    lab = torch.zeros((B, T, Vd))
+    valid = torch.zeros((B, T), dtype=torch.bool)
+    for b, x in enumerate(items):
+        n = len(x["tokens"])
+        tokens[b, :n], aux[b, :n], lab[b, :n], valid[b, :n] = x["tokens"], x["aux"], x["target_logp"].float(), True
+    return DrafterBatch(tokens, aux, lab, valid)
+
+
+def ttt_loss(drafter: EagleDrafter, embed: torch.nn.Module, rope, batch: DrafterBatch, steps: int,
+             decay: float = 0.8) -> tuple[torch.Tensor, list[float]]:
+    """Multi-step training-time-test loss; returns (loss, per-step top-1 accuracy vs the target)."""
+    tok, valid = batch.tokens, batch.valid
+    B, T = tok.shape
+    P = T - 1  # drafter positions p = 0..T-2: input token p+1, label = target dist at p+1
+    dev = tok.device
+    pos = torch.arange(P, device=dev)
+    cos, sin = rope.lookup(pos.view(1, P).expand(B, P))
+    emb = embed(tok[:, 1:]).float()  # [B, P, H] token p+1
+    feat = drafter.fc(batch.aux[:, :P])  # [B, P, H] (aux layers already concatenated)
+    label = batch.target_logp[:, 1:]  # [B, P, Vd]
+    ok = valid[:, 1:]  # position p valid iff token p+1 exists
+    layer = drafter.layer
+    keys, values = [], []
+    total = torch.zeros((), device=dev)
+    accs = []
+    q_pos, k_pos = pos.view(P, 1), pos.view(1, P)
+    prev_h = None
+    for k in range(1, steps + 1):
+        if k == 1:
+            x_feat = feat
+        else:  # the drafter's own output at p-1 (nothing before position 0)
+            x_feat = torch.cat([torch.zeros_like(prev_h[:, :1]), prev_h[:, :-1]], dim=1)
+        x = drafter.layer_input(emb, x_feat)
+        q, kk, vv = layer.qkv_rotated(x, cos, sin)
+        keys.append(kk.transpose(1, 2))
+        values.append(vv.transpose(1, 2))
+        blocks = [k_pos <= q_pos - k + 1]  # step-1 entries
+        for j in range(2, k + 1):  # ancestors at step j, and itself (j = k)
+            blocks.append(k_pos == q_pos - k + j)
+        mask = torch.cat(blocks, dim=1)  # [P, k * P]
+        mask[:, 0] |= ~mask.any(dim=1)  # rows with no key (p < k - 1) are ignored by the loss anyway
+        h = layer.attend_and_mlp(x, q, torch.cat(keys, 2), torch.cat(values, 2), mask)
+        logits = drafter.head(h)
+        step_ok = ok & (pos >= k - 1).view(1, P)
+        ce = -(label.exp() * torch.log_softmax(logits, dim=-1)).sum(-1)  # [B, P]
+        denom = step_ok.sum().clamp(min=1)
+        total = total + decay ** (k - 1) * (ce * step_ok).sum() / denom
+        with torch.no_grad():
+            accs.append(float(((logits.argmax(-1) == label.argmax(-1)) & step_ok).sum() / denom))
+        prev_h = h
+    return total, accs
+
+
+def train_drafter(drafter: EagleDrafter, embed, rope, data: list[dict], *, steps: int = 3, max_steps: int = 400,
+                  batch_size: int = 8, lr: float = 1e-3, seed: int = 0,
+                  log: Callable[[str], None] = print, time_budget_s: float | None = None) -> dict:
+    """AdamW with warm-up and cosine decay over `max_steps`; returns the final metrics."""
+    g = torch.Generator().manual_seed(seed)
+    drafter.train()
+    params = [p for p in drafter.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.95))
+    warm = max(1, max_steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, max_steps) / max_steps)))
+    t0 = time.perf_counter()
+    metrics = {}
+    for step in range(max_steps):
+        idx = torch.randint(0, len(data), (batch_size,), generator=g).tolist()
+        loss, accs = ttt_loss(drafter, embed, rope, collate([data[i] for i in idx]), steps)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite drafter loss at step {step}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        metrics = {"step": step + 1, "loss": float(loss.detach()), "acc": accs, "elapsed_s": time.perf_counter() - t0}
+        if step % 20 == 0 or step == max_steps - 1:
+            acc = " ".join(f"{a:.2f}" for a in accs)
+            log(f"  step {step + 1}/{max_steps}  loss {float(loss):.3f}  top-1 per depth {acc}  "
+                f"{metrics['elapsed_s']:.0f}s")
+        if time_budget_s is not None and metrics["elapsed_s"] > time_budget_s:
+            log(f"  time budget reached at step {step + 1}")
+            break
+    drafter.eval()
+    return metrics
+
+
+def build_dataset(engine, prompts: list[str], max_new_tokens: int, draft_vocab_size: int,
+                  log: Callable[[str], None] = print) -> tuple[list[dict], torch.Tensor, dict]:
+    """Generate with the engine (half greedy, half T=1), then target features and labels."""
+    tok = engine.tokenizer
+    ids = [tok.encode(tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                              add_generation_prompt=True)) for p in prompts]
+    t0 = time.perf_counter()
+    half = len(ids) // 2
+    outs = []
+    if half:
+        outs += engine.generate(input_ids=ids[:half], sampling_params={"temperature": 0,
+                                                                       "max_new_tokens": max_new_tokens})
+    outs += engine.generate(input_ids=ids[half:], sampling_params={"temperature": 1.0, "top_p": 0.95,
+                                                                   "max_new_tokens": max_new_tokens,
+                                                                   "sampling_seed": 0})
+    seqs = [p + o["output_ids"] for p, o in zip(ids, outs)]
+    n_gen = sum(len(o["output_ids"]) for o in outs)
+    log(f"  generated {n_gen} tokens for {len(ids)} prompts in {time.perf_counter() - t0:.1f}s")
+    d2t = draft_vocab([o["output_ids"] for o in outs] + ids, draft_vocab_size, engine.model_config.vocab_size)
+    t0 = time.perf_counter()
+    data = target_features(engine, seqs, d2t)
+    log(f"  target features for {sum(len(s) for s in seqs)} positions in {time.perf_counter() - t0:.1f}s")
+    return data, d2t, {"prompts": len(ids), "generated_tokens": n_gen}
+
+
+def train_offline(engine, out_dir: str, *, num_prompts: int = 256, max_new_tokens: int = 160,
+                  max_steps: int = 600, ttt_steps: int = 3, draft_vocab_size: int = 8192, batch_size: int = 8,
+                  lr: float = 2e-3, seed: int = 0, time_budget_s: float | None = None,
+                  log: Callable[[str], None] = print) -> dict:
+    """The whole offline recipe: data from the engine, training, the drafter folder written atomically."""
+    from tlt.drafter_sync.prompts import training_prompts
+
+    log(f"building data: {num_prompts} prompts x <= {max_new_tokens} new tokens")
+    data, d2t, info = build_dataset(engine, training_prompts(num_prompts, seed), max_new_tokens,
+                                    draft_vocab_size, log)
+    drafter = EagleDrafter.random(engine.model_config, seed=seed, draft_vocab_size=len(d2t))
+    with torch.no_grad():
+        drafter.d2t.copy_(d2t)
+        # Start the head from the target's own output embeddings of the draft vocabulary.
+        drafter.lm_head.weight.copy_(engine.model.head_weight.detach().float()[d2t])
+        drafter.norm.weight.copy_(engine.model.norm.weight.detach().float())
+    embed = torch.nn.Embedding.from_pretrained(engine.model.embed.weight.detach().float(), freeze=True)
+    from tlt.engine.models.rope import RotaryTable
+
+    mc = engine.model_config
+    longest = max(len(x["tokens"]) for x in data) + 8
+    rope = RotaryTable(mc.head_dim, mc.rope_theta, mc.rope_scaling, longest, "cpu", torch.float32)
+    log(f"training: {max_steps} steps, batch {batch_size}, {ttt_steps} TTT steps, draft vocab {len(d2t)}")
+    metrics = train_drafter(drafter, embed, rope, data, steps=ttt_steps, max_steps=max_steps,
+                            batch_size=batch_size, lr=lr, seed=seed, log=log, time_budget_s=time_budget_s)
+    drafter.cfg.version = f"offline-{int(time.time())}"
+    drafter.save(out_dir)
+    log(f"wrote {out_dir}")
+    return {**info, **metrics}
