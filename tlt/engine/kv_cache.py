@@ -131,7 +131,9 @@ class KVCache:
         self.k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
         self.v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
         if old_k:
-            r, n = self.alloc_rows, self.alloc_len
+            # A longer reservation may leave room for fewer rows than were allocated: only rows in use
+            # (compact at the front, at most `rows`) have to survive.
+            r, n = min(self.alloc_rows, new_rows), min(self.alloc_len, new_len)
             for dst, src in zip(self.k + self.v, old_k + old_v):
-                dst[:r, :, :n].copy_(src)
+                dst[:r, :, :n].copy_(src[:r, :, :n])
         self.alloc_rows, self.alloc_len = new_rows, new_len
