@@ -18,6 +18,7 @@ from tlt.engine.sampling import (
     inverse_cdf,
     sample,
     scaled_logits,
+    seeded_gumbel,
     seeded_uniform,
     warped_probs,
 )
@@ -318,3 +319,46 @@ def test_seeded_uniform_is_uniform_ks():
     seq = np.array([seeded_uniform(12, 0, pos) for pos in range(20_000)])
     r = np.corrcoef(seq[:-1], seq[1:])[0, 1]
     assert abs(r) < 4 / np.sqrt(len(seq))  # |r| under 4 standard errors: p < 1e-4 by chance
+
+
+# ---------------------------------------------------------------- seeded Gumbel-max
+def test_seeded_gumbel_is_a_pure_function_of_seed_index_and_position():
+    a = seeded_gumbel(5, 1, 7, 64, "cpu")
+    assert a.shape == (64,) and a.dtype == torch.float32
+    assert torch.equal(a, seeded_gumbel(5, 1, 7, 64, "cpu"))
+    for seed, index, pos in ((6, 1, 7), (5, 2, 7), (5, 1, 8)):
+        assert not torch.equal(a, seeded_gumbel(seed, index, pos, 64, "cpu"))
+
+
+def test_seeded_gumbel_noise_is_standard_gumbel_ks():
+    g = seeded_gumbel(3, 0, 0, 20_000, "cpu").double().numpy()
+    assert np.isfinite(g).all()
+    assert stats.kstest(g, "gumbel_r").pvalue > 0.01
+
+
+def test_gumbel_max_rows_draw_the_warped_distribution_chi_square():
+    """Rows with seeded noise sample by argmax(logprob + g) over the kept set: the same distribution."""
+    n = 20_000
+    logits = torch.tensor([2.0, 0.5, 1.5, -1.0, 1.0, 0.0, 1.2, -3.0, 0.8, 0.3, -0.5, 1.8])
+    p = params(temperature=0.7, top_k=7, top_p=0.81, min_p=0.08)
+    sb = batch(*[p] * n)
+    noise = {i: seeded_gumbel(77, 0, i, V, "cpu") for i in range(n)}
+    u = torch.zeros(n)  # ignored by Gumbel rows: with u = 0 inverse CDF would always give the top token
+    toks, _ = sample(logits.expand(n, -1).contiguous(), sb, u, noise)
+    counts = np.bincount(toks.numpy(), minlength=V)
+    warped = warped_probs(scaled_logits(logits.unsqueeze(0), batch(p)), batch(p))[0].double().numpy()
+    assert 2 <= (warped > 0).sum() < V
+    assert _chi2_p(counts, warped) > 0.01
+    wrong = torch.softmax(logits.double() / 0.75, -1).numpy() * (warped > 0)
+    assert _chi2_p(counts, wrong) < 0.01  # power: temperature 0.75 instead of 0.7
+
+
+def test_gumbel_rows_leave_the_other_rows_alone():
+    logits = torch.randn(3, V, generator=torch.Generator().manual_seed(9))
+    sb = batch(params(temperature=1.0), params(temperature=0.0), params(temperature=1.0))
+    u = torch.tensor([0.3, 0.5, 0.0])
+    plain, _ = sample(logits, sb, u)
+    g = seeded_gumbel(1, 0, 0, V, "cpu")
+    mixed, _ = sample(logits, sb, u, {2: g})
+    assert mixed[:2].tolist() == plain[:2].tolist()
+    assert mixed[2].item() == (torch.log_softmax(logits[2], -1) + g).argmax().item()
