@@ -246,8 +246,8 @@ class Engine:
         # Every field that fixes how the tensors are read, not only their shapes: a checkpoint with another
         # head split (or tied vs untied embeddings) can have tensors of identical shapes.
         def layout(c: ModelConfig) -> tuple:
-            return (c.num_layers, c.hidden_size, c.vocab_size, c.intermediate_size, c.num_heads, c.num_kv_heads,
-                    c.head_dim, c.tie_word_embeddings, c.attention_bias, c.qk_norm)
+            return (c.num_layers, c.hidden_size, c.vocab_size, c.intermediate_size, c.num_heads,
+                    c.num_kv_heads, c.head_dim, c.tie_word_embeddings, c.attention_bias, c.qk_norm)
 
         if layout(other) != layout(self.model_config):
             raise WeightUpdateError(f"checkpoint {model_path!r} has a different architecture")
