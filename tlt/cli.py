@@ -110,14 +110,21 @@ def cmd_train_drafter(args) -> None:
     res = train_offline(engine, args.out, num_prompts=args.num_prompts, max_new_tokens=args.max_new_tokens,
                         max_steps=args.max_steps, ttt_steps=args.ttt_steps,
                         draft_vocab_size=args.draft_vocab_size, batch_size=args.batch_size, lr=args.lr,
-                        seed=args.random_seed, time_budget_s=args.time_budget, log=lambda m: print(m, flush=True))
+                        seed=args.random_seed, time_budget_s=args.time_budget, data_cache=args.keep_data,
+                        log=lambda m: print(m, flush=True))
     print(json.dumps(res))
     engine.shutdown()
 
 
 def cmd_bench(args, rest: list[str]) -> None:
+    import os
+
+    # benchmarks/ sits beside tlt/ in the checkout and is not installed: make it importable from any cwd.
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     if args.which == "engine":
         from benchmarks.engine_throughput import main as bench_main
+    elif args.which == "spec":
+        from benchmarks.spec_decoding import main as bench_main
     else:
         raise SystemExit(f"unknown benchmark {args.which!r}")
     bench_main(rest)
@@ -145,8 +152,8 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--seed", type=int, default=None, help="sampling_seed (reproducible sampling)")
     d = sub.add_parser("demo", help="the main job (make run)")
     d.add_argument("--max-new-tokens", type=int, default=96)
-    b = sub.add_parser("bench", help="benchmarks: engine", add_help=False)
-    b.add_argument("which", choices=["engine"])
+    b = sub.add_parser("bench", help="benchmarks: engine | spec", add_help=False)
+    b.add_argument("which", choices=["engine", "spec"])
     sub.add_parser("serve", help="SGLang-compatible HTTP server (see tlt serve --help)", add_help=False)
     t = sub.add_parser("train-drafter", help="train an EAGLE-style drafter on the engine's own outputs")
     _engine_args(t)
@@ -159,6 +166,7 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--batch-size", type=int, default=8)
     t.add_argument("--lr", type=float, default=2e-3)
     t.add_argument("--time-budget", type=float, default=None, help="stop training after this many seconds")
+    t.add_argument("--keep-data", action="store_true", help="cache the generated data in OUT/train_data.pt")
     if argv and argv[0] == "serve":
         return cmd_serve(argv[1:])
     if argv and argv[0] == "bench":

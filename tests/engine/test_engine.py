@@ -557,8 +557,6 @@ def test_rejected_weight_update_leaves_every_weight_bit_identical(fresh, qwen3, 
     assert out["output_ids"] == want and out["meta_info"]["weight_version"] == "default"
 
 
-@pytest.mark.xfail(strict=True, reason="weights.py HFWeights.stage checks isfinite before the dtype cast: a "
-                   "float64 value beyond float32's range is committed as inf (tlt/engine/models/weights.py)")
 def test_weight_update_that_overflows_the_engine_dtype_is_rejected(fresh, qwen3):
     e = fresh(qwen3)
     before = checksum(e)

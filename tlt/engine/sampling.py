@@ -1,10 +1,10 @@
 """From logits to tokens: penalties, temperature, top-k/top-p/min-p, seeded draws, log-probabilities.
 
-Every draw is an inverse-CDF lookup of one uniform number over the warped distribution in vocabulary
-order. The uniform comes from the engine's generator, or — when a request carries `sampling_seed` — from
-a counter-based hash of (seed, sample index, output position). The second makes a sampled token a pure
-function of the target's distribution at that position, which is what lets speculative decoding
-reproduce non-speculative samples token for token.
+Unseeded rows draw by an inverse-CDF lookup of one uniform (from the engine's generator) over the warped
+distribution. Rows with `sampling_seed` draw by Gumbel-max with noise that is a pure function of (seed,
+sample index, output position), see `seeded_gumbel`: a sampled token is then a function of the target's
+distribution at that position alone, which lets speculative decoding reproduce non-speculative samples
+token for token.
 
 Log-probabilities (as SGLang) are those of the distribution after penalties and temperature, before
 top-k/top-p/min-p truncation; with temperature 0 they are the raw model's.
