@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import make_tiny_checkpoint
 
 import tlt
-from tiny_models import make_tiny_checkpoint
 from tlt.engine.spec.drafter import EagleDrafter
 from tlt.engine.spec.tree import DraftTree, ancestor_matrix, select_tree, tree_attention_mask
 
@@ -74,7 +74,7 @@ class OracleDraft:
         self.g = torch.Generator().manual_seed(seed)
 
     def __call__(self, seqs, root_h, root_logp, cfg):
-        B, k = len(seqs), self.topk
+        k = self.topk
         toks, pars, deps = [], [], []
         for s in seqs:
             ref = self.refs[tuple(s.prompt_ids)][s.sample_index]

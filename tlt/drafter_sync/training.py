@@ -20,7 +20,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from tlt.engine.spec.drafter import EagleDrafter
 
@@ -228,9 +227,9 @@ def train_offline(engine, out_dir: str, *, num_prompts: int = 256, max_new_token
                   lr: float = 2e-3, seed: int = 0, time_budget_s: float | None = None,
                   data_cache: bool = False, log: Callable[[str], None] = print) -> dict:
     """The whole offline recipe: data from the engine, training, the drafter folder written atomically."""
-    from tlt.drafter_sync.prompts import training_prompts
-
     import os
+
+    from tlt.drafter_sync.prompts import training_prompts
 
     cache = os.path.join(out_dir, "train_data.pt")
     if data_cache and os.path.exists(cache):

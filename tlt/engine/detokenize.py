@@ -16,7 +16,8 @@ class Detokenizer:
         with self.lock:
             return self.tokenizer.encode(text, add_special_tokens=True)
 
-    def decode(self, ids: list[int], skip_special_tokens: bool = True, spaces_between_special_tokens: bool = True) -> str:
+    def decode(self, ids: list[int], skip_special_tokens: bool = True,
+               spaces_between_special_tokens: bool = True) -> str:
         with self.lock:
             try:
                 return self.tokenizer.decode(

@@ -14,7 +14,6 @@ one pool.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import itertools
 import logging
 import threading
@@ -37,7 +36,7 @@ from tlt.engine.models.weights import (
     load_hf_config,
     resolve_checkpoint,
 )
-from tlt.engine.request import RequestGroup, Sequence, SeqStatus
+from tlt.engine.request import RequestGroup, SeqStatus, Sequence
 from tlt.engine.runner import ModelRunner
 from tlt.engine.sampling import apply_penalties, build_sampling_batch, sample, seeded_gumbel
 from tlt.engine.sampling_params import SamplingParams, SamplingParamsError

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import deque
 
 from tlt.engine.kv_cache import KVCache
-from tlt.engine.request import RequestGroup, Sequence, SeqStatus
+from tlt.engine.request import RequestGroup, SeqStatus, Sequence
 
 
 class Scheduler:

@@ -105,10 +105,9 @@ class SpecWorker:
         frontier = torch.arange(k, device=dev).expand(B, k)  # candidate ids of the frontier
         front_h = root_h.unsqueeze(1).expand(B, k, -1)  # parent features of the frontier
         n_cand = k
-        processed_slot: dict[int, int] = {}  # candidate id -> slot offset of its drafter entry (same all rows)
-        # Per-row ancestor sets are tracked as [B, F, S] masks over processed slots.
-        proc_parent_slot = torch.full((B, 0), -1, dtype=torch.int64, device=dev)
-        anc_slots = torch.zeros((B, k, 0), dtype=torch.bool, device=dev)  # for the current frontier
+        # The frontier's ancestors among the nodes already run through the drafter, as [B, k, S] masks over
+        # their drafter slots (base + 0 .. S-1); the root's entry lies in the prefix.
+        anc_slots = torch.zeros((B, k, 0), dtype=torch.bool, device=dev)
         for step in range(2, cfg.num_steps + 1):
             off = (step - 2) * k
             tokens = d2t[torch.cat(cand_tok, 1).gather(1, frontier)]
@@ -139,7 +138,6 @@ class SpecWorker:
             front_h = torch.gather(h, 1, parent_local.unsqueeze(-1).expand(B, k, h.shape[-1]))
             frontier = n_cand + best
             n_cand += k * k
-        del processed_slot, proc_parent_slot
         tree = select_tree(d2t[torch.cat(cand_tok, 1)], torch.cat(cand_score, 1), torch.cat(cand_parent, 1),
                            torch.cat(cand_depth, 1), cfg.num_draft_tokens)
         tree.tokens[:, 0] = torch.tensor([s.output_ids[-1] for s in seqs], device=dev)
