@@ -111,7 +111,7 @@ def cmd_train_drafter(args) -> None:
                         max_steps=args.max_steps, ttt_steps=args.ttt_steps,
                         draft_vocab_size=args.draft_vocab_size, batch_size=args.batch_size, lr=args.lr,
                         seed=args.random_seed, time_budget_s=args.time_budget, data_cache=args.keep_data,
-                        log=lambda m: print(m, flush=True))
+                        resume=args.resume, log=lambda m: print(m, flush=True))
     print(json.dumps(res))
     engine.shutdown()
 
@@ -167,6 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--lr", type=float, default=2e-3)
     t.add_argument("--time-budget", type=float, default=None, help="stop training after this many seconds")
     t.add_argument("--keep-data", action="store_true", help="cache the generated data in OUT/train_data.pt")
+    t.add_argument("--resume", action="store_true", help="continue training the drafter already in OUT")
     if argv and argv[0] == "serve":
         return cmd_serve(argv[1:])
     if argv and argv[0] == "bench":

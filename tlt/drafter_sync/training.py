@@ -225,7 +225,7 @@ def build_dataset(engine, prompts: list[str], max_new_tokens: int, draft_vocab_s
 def train_offline(engine, out_dir: str, *, num_prompts: int = 256, max_new_tokens: int = 160,
                   max_steps: int = 600, ttt_steps: int = 3, draft_vocab_size: int = 8192, batch_size: int = 8,
                   lr: float = 2e-3, seed: int = 0, time_budget_s: float | None = None,
-                  data_cache: bool = False, log: Callable[[str], None] = print) -> dict:
+                  data_cache: bool = False, resume: bool = False, log: Callable[[str], None] = print) -> dict:
     """The whole offline recipe: data from the engine, training, the drafter folder written atomically."""
     import os
 
@@ -242,12 +242,19 @@ def train_offline(engine, out_dir: str, *, num_prompts: int = 256, max_new_token
         if data_cache:
             os.makedirs(out_dir, exist_ok=True)
             torch.save((data, d2t, info), cache)
-    drafter = EagleDrafter.random(engine.model_config, seed=seed, draft_vocab_size=len(d2t))
-    with torch.no_grad():
-        drafter.d2t.copy_(d2t)
-        # Start the head from the target's own output embeddings of the draft vocabulary.
-        drafter.lm_head.weight.copy_(engine.model.head_weight.detach().float()[d2t])
-        drafter.norm.weight.copy_(engine.model.norm.weight.detach().float())
+    if resume and os.path.exists(os.path.join(out_dir, "config.json")):
+        drafter = EagleDrafter.load(out_dir, engine.model_config)
+        drafter.requires_grad_(True)
+        if not torch.equal(drafter.d2t.cpu(), d2t):
+            raise ValueError(f"the drafter in {out_dir} has another draft vocabulary than the cached data")
+        log(f"resuming from the drafter in {out_dir}")
+    else:
+        drafter = EagleDrafter.random(engine.model_config, seed=seed, draft_vocab_size=len(d2t))
+        with torch.no_grad():
+            drafter.d2t.copy_(d2t)
+            # Start the head from the target's own output embeddings of the draft vocabulary.
+            drafter.lm_head.weight.copy_(engine.model.head_weight.detach().float()[d2t])
+            drafter.norm.weight.copy_(engine.model.norm.weight.detach().float())
     embed = torch.nn.Embedding.from_pretrained(engine.model.embed.weight.detach().float(), freeze=True)
     from tlt.engine.models.rope import RotaryTable
 
