@@ -622,7 +622,8 @@ class Engine:
                     if d not in noise:
                         noise[d] = seeded_gumbel(p.sampling_seed, s.sample_index, len(s.output_ids) + d, V, dev)
                     gumbel[i * N + j] = noise[d]
-        tokens, logprobs = sample(logits.reshape(B * N, V), sb, u.reshape(-1), gumbel)
+        want_lp = [b for b, s in enumerate(seqs) if s.group.return_logprob]
+        tokens, logprobs = sample(logits.reshape(B * N, V), sb, u.reshape(-1), gumbel, need_logprobs=bool(want_lp))
         target = tokens.view(B, N).tolist()
         paths = [[0] for _ in range(B)]
         if tree is not None:
@@ -641,7 +642,6 @@ class Engine:
                     paths[b].append(nxt)
                     cur = nxt
             self.spec.commit_path(seqs, paths)  # before the sequences grow: slots are relative to them
-        want_lp = [b for b, s in enumerate(seqs) if s.group.return_logprob]
         lp_vals: dict[tuple[int, int], float] = {}
         tops: dict[tuple[int, int], list] = {}
         if want_lp:

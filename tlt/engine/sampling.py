@@ -136,13 +136,15 @@ def inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
 
 
 def sample(logits: torch.Tensor, sb: SamplingBatch, uniforms: torch.Tensor,
-           gumbel: dict[int, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [B, V] (penalties applied) -> (tokens [B], logprobs [B, V] of the temperature-scaled dist).
+           gumbel: dict[int, torch.Tensor] | None = None,
+           need_logprobs: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """logits [B, V] (penalties applied) -> (tokens [B], logprobs [B, V] of the temperature-scaled dist,
+    or None when not needed: a full-vocabulary log-softmax is a few ms per step at batch 64).
 
     Rows in `gumbel` (row -> noise [V], see `seeded_gumbel`) draw by Gumbel-max over the warped
     distribution; the others by inverse CDF with their uniform. Both are exact draws."""
     scaled = scaled_logits(logits, sb)
-    logprobs = torch.log_softmax(scaled, dim=-1)
+    logprobs = torch.log_softmax(scaled, dim=-1) if need_logprobs else None
     greedy_tok = logits.argmax(dim=-1)
     if sb.all_greedy:
         return greedy_tok, logprobs
@@ -152,6 +154,7 @@ def sample(logits: torch.Tensor, sb: SamplingBatch, uniforms: torch.Tensor,
         rows = torch.tensor(list(gumbel), device=logits.device)
         noise = torch.stack(list(gumbel.values()))
         kept = probs[rows] > 0
-        perturbed = torch.where(kept, logprobs[rows] + noise, torch.full_like(noise, float("-inf")))
+        # argmax(log p + g) = argmax(scaled + g): the log-normaliser is constant per row.
+        perturbed = torch.where(kept, scaled[rows] + noise, torch.full_like(noise, float("-inf")))
         drawn[rows] = perturbed.argmax(dim=-1)
     return torch.where(sb.greedy, greedy_tok, drawn), logprobs
