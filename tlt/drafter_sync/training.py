@@ -36,8 +36,12 @@ class DrafterBatch:
 
 
 @torch.inference_mode()
-def target_features(engine, sequences: list[list[int]], d2t: torch.Tensor, batch_size: int = 8) -> list[dict]:
-    """Run the engine's target over whole sequences: aux hidden states and draft-vocab label logprobs."""
+def target_features(engine, sequences: list[list[int]], d2t: torch.Tensor, batch_size: int = 8,
+                    prompt_lens: list[int] | None = None) -> list[dict]:
+    """Run the engine's target over whole sequences: aux hidden states and draft-vocab label logprobs.
+
+    `prompt_lens`: the loss then covers only labels of generated tokens (a shared chat template is
+    trivially predictable and would otherwise dominate the loss and flatter the accuracy)."""
     from tlt.engine.kv_cache import KVCache
     from tlt.engine.runner import ModelRunner
 
@@ -65,8 +69,11 @@ def target_features(engine, sequences: list[list[int]], d2t: torch.Tensor, batch
         aux = torch.cat(captured, dim=-1)
         for b, seq in enumerate(chunk):
             n = len(seq)
+            # drafter position p is trained on the label of token p+2: generated iff p >= prompt_len - 2
+            first = max(prompt_lens[i + b] - 2, 0) if prompt_lens else 0
             out.append({"tokens": torch.tensor(seq), "aux": aux[b, :n].float().cpu(),
-                        "target_logp": label[b, :n].to(torch.bfloat16).cpu()})
+                        "target_logp": label[b, :n].to(torch.bfloat16).cpu(),
+                        "loss_mask": torch.arange(n) >= first})
     kv.clear()
     return out
 
@@ -95,7 +102,10 @@ def crop(item: dict, length: int, g: torch.Generator) -> dict:
     n = len(item["tokens"])
     if n <= length:
         return item
-    start = int(torch.randint(0, n - length + 1, (1,), generator=g))
+    lo = 0
+    if "loss_mask" in item and item["loss_mask"].any():  # windows over generated tokens, a little context
+        lo = min(max(int(item["loss_mask"].float().argmax()) - 8, 0), n - length)
+    start = int(torch.randint(lo, n - length + 1, (1,), generator=g))
     return {k: v[start: start + length] for k, v in item.items()}
 
 
@@ -110,7 +120,8 @@ def collate(items: list[dict]) -> DrafterBatch:
     valid = torch.zeros((B, T), dtype=torch.bool)
     for b, x in enumerate(items):
         n = len(x["tokens"])
-        tokens[b, :n], aux[b, :n], lab[b, :n], valid[b, :n] = x["tokens"], x["aux"], x["target_logp"].float(), True
+        tokens[b, :n], aux[b, :n], lab[b, :n] = x["tokens"], x["aux"], x["target_logp"].float()
+        valid[b, :n] = x["loss_mask"] if "loss_mask" in x else True
     return DrafterBatch(tokens, aux, lab, valid)
 
 
@@ -126,7 +137,7 @@ def ttt_loss(drafter: EagleDrafter, embed: torch.nn.Module, rope, batch: Drafter
     emb = embed(tok[:, 1:]).float()  # [B, P, H] token p+1
     feat = drafter.fc(batch.aux[:, :P])  # [B, P, H] (aux layers already concatenated)
     label = batch.target_logp[:, 1:]  # [B, P, Vd]
-    ok = valid[:, 1:]  # position p valid iff token p+1 exists
+    ok = valid[:, 1:] & valid[:, :-1]  # position p: token p+1 exists and its label is trained on
     layer = drafter.layer
     keys, values = [], []
     total = torch.zeros((), device=dev)
@@ -217,7 +228,7 @@ def build_dataset(engine, prompts: list[str], max_new_tokens: int, draft_vocab_s
     log(f"  generated {n_gen} tokens for {len(ids)} prompts in {time.perf_counter() - t0:.1f}s")
     d2t = draft_vocab([o["output_ids"] for o in outs] + ids, draft_vocab_size, engine.model_config.vocab_size)
     t0 = time.perf_counter()
-    data = target_features(engine, seqs, d2t)
+    data = target_features(engine, seqs, d2t, prompt_lens=[len(p) for p in ids])
     log(f"  target features for {sum(len(s) for s in seqs)} positions in {time.perf_counter() - t0:.1f}s")
     return data, d2t, {"prompts": len(ids), "generated_tokens": n_gen}
 
