@@ -670,3 +670,9 @@ def test_engine_arguments_are_validated_and_shutdown_is_final(fresh, qwen3):
         e.generate(input_ids=[5, 6], sampling_params=greedy(2))
     with pytest.raises(EngineError):
         e.update_weights_from_tensor([])
+
+
+def test_tied_lm_head_reads_as_the_embedding(tiny_models):
+    e = tlt.Engine(tiny_models["llama"], dtype="float32")  # the tiny llama ties its embeddings
+    assert torch.equal(e.get_weights_by_name("lm_head.weight"), e.get_weights_by_name("model.embed_tokens.weight"))
+    e.shutdown()

@@ -255,7 +255,9 @@ class Engine:
         return True, f"loaded {len(staged)} tensors from {model_path}"
 
     def get_weights_by_name(self, name: str) -> torch.Tensor:
-        """A copy of one weight under its HF name."""
+        """A copy of one weight under its HF name (`lm_head.weight` of a tied model is the embedding)."""
+        if name == "lm_head.weight" and self.model_config.tie_word_embeddings:
+            name = "model.embed_tokens.weight"
         if name not in self.weights.map:
             raise KeyError(f"unknown weight name {name!r}")
         pname, lo, hi = self.weights.map[name]
