@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tlt.engine.spec.drafter import EagleDrafter
+from tlt.engine.spec.drafter import DrafterConfig, EagleDrafter
 
 
 @dataclass
@@ -46,7 +46,7 @@ def target_features(engine, sequences: list[list[int]], d2t: torch.Tensor, batch
     from tlt.engine.runner import ModelRunner
 
     model = engine.model
-    aux_layers = EagleDrafterAux.layers(engine.model_config)
+    aux_layers = DrafterConfig.for_target(engine.model_config).aux_layers
     out = []
     longest = max(len(s) for s in sequences)
     kv = KVCache(engine.model_config, engine.dtype, engine.device,
@@ -76,16 +76,6 @@ def target_features(engine, sequences: list[list[int]], d2t: torch.Tensor, batch
                         "loss_mask": torch.arange(n) >= first})
     kv.clear()
     return out
-
-
-class EagleDrafterAux:
-    """Which target layers feed the drafter (EAGLE-3: low, middle, high)."""
-
-    @staticmethod
-    def layers(mc) -> tuple[int, int, int]:
-        from tlt.engine.spec.drafter import DrafterConfig
-
-        return DrafterConfig.for_target(mc).aux_layers
 
 
 def draft_vocab(sequences: list[list[int]], size: int, vocab_size: int) -> torch.Tensor:

@@ -383,10 +383,8 @@ class Engine:
                 stream=stream,
                 on_update=lambda g, f: None,
             )
-            g.clipped = g.max_new_tokens < params.max_new_tokens
             g.seqs = [Sequence(seq_id=g.rid if params.n == 1 else f"{g.rid}-{i}", group=g, sample_index=i)
                       for i in range(params.n)]
-            g.outputs = []
             if not self.scheduler.fits_ever(g):
                 raise ValueError(f"request needs more KV memory than the engine has "
                                  f"(n={params.n}, {self.scheduler.reserve_len(g)} positions each)")

@@ -54,11 +54,13 @@ class KVCache:
     def num_rows(self) -> int:
         return len(self.owners)
 
+    def footprint_tokens(self, rows: int, longest: int) -> int:
+        """Positions the dense layout takes for `rows` rows when the longest reserves `longest`."""
+        return rows * min(_round_up(max(longest, 1), _LEN_ALIGN), self.max_len)
+
     def reserved_tokens(self, extra_rows: int = 0, extra_len: int = 0) -> int:
         """Footprint of the dense layout if `extra_rows` rows reserving `extra_len` joined."""
-        rows = self.num_rows + extra_rows
-        longest = max([*self.reserved, extra_len], default=0)
-        return rows * min(_round_up(max(longest, 1), _LEN_ALIGN), self.max_len)
+        return self.footprint_tokens(self.num_rows + extra_rows, max([*self.reserved, extra_len], default=0))
 
     def can_admit(self, rows: int, reserve_len: int) -> bool:
         if self.num_rows + rows > self.max_rows:

@@ -79,6 +79,7 @@ class RequestGroup:
     weight_version: str = "default"
     drafter_version: str | None = None
     aborted: bool = False
+    outputs: list[dict] = field(default_factory=list)  # latest output dicts, one per sample
 
     @property
     def finished(self) -> bool:

@@ -25,12 +25,8 @@ class Scheduler:
     def fits_ever(self, group: RequestGroup) -> bool:
         """Whether the group could run on an otherwise empty engine."""
         kv = self.kv
-        if len(group.seqs) > kv.max_rows:
-            return False
-        from tlt.engine.kv_cache import _LEN_ALIGN, _round_up
-
-        need = len(group.seqs) * min(_round_up(self.reserve_len(group), _LEN_ALIGN), kv.max_len)
-        return need <= kv.capacity_tokens
+        n = len(group.seqs)
+        return n <= kv.max_rows and kv.footprint_tokens(n, self.reserve_len(group)) <= kv.capacity_tokens
 
     def add(self, group: RequestGroup) -> None:
         self.waiting.append(group)
