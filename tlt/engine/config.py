@@ -30,6 +30,17 @@ class EngineConfig:
     speculative_num_steps: int = 3  # draft depth
     speculative_eagle_topk: int = 1  # branching per step; 1 = chain
     speculative_num_draft_tokens: int | None = None  # tree nodes verified, root included; None: steps + 1
+    # Adaptive speculation (tlt): a bandit picks per decode round among `speculative_arms` and plain
+    # decoding. Arms as 's<steps>k<topk>n<draft tokens>' strings or (steps, topk, tokens); None: defaults.
+    speculative_adaptive: bool = False
+    speculative_arms: list | None = None
+    speculative_selector: str = "epsilon_greedy"  # or "ucb"
+    speculative_epsilon: float = 0.1
+    # After a policy weight update: the weight kept by what the bandit learned of speculative arms, and
+    # the acceptance ratio (new / before) under which speculation is suspended until a new drafter.
+    speculative_update_discount: float = 0.5
+    speculative_collapse_ratio: float = 0.5
+    round_log_size: int = 100_000  # decode rounds kept for `get_round_log`
     weight_version: str = "default"
     torch_num_threads: int | None = None  # CPU threads for torch; default: torch's choice
     log_level: str = "warning"
@@ -69,6 +80,16 @@ class EngineConfig:
                 self.speculative_num_draft_tokens = min(steps * k + 1, most)
             if not 2 <= self.speculative_num_draft_tokens <= most:
                 raise ValueError(f"speculative_num_draft_tokens must be in [2, {most}] for {steps} steps, topk {k}")
+        if self.speculative_adaptive:
+            if self.speculative_algorithm is None:
+                raise ValueError("speculative_adaptive needs speculative decoding (speculative_draft_model_path)")
+            from tlt.engine.spec.selector import SelectorConfig, parse_arm
+
+            for a in self.speculative_arms or ():
+                parse_arm(a)
+            SelectorConfig(self.speculative_selector, self.speculative_epsilon)
+        if not 0 <= self.speculative_update_discount <= 1 or not 0 <= self.speculative_collapse_ratio <= 1:
+            raise ValueError("speculative_update_discount and speculative_collapse_ratio must be in [0, 1]")
         if self.random_seed is None:
             self.random_seed = int.from_bytes(os.urandom(4), "little")
 

@@ -14,6 +14,7 @@ one pool.
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import logging
 import threading
@@ -41,6 +42,7 @@ from tlt.engine.runner import ModelRunner
 from tlt.engine.sampling import apply_penalties, build_sampling_batch, sample, seeded_gumbel
 from tlt.engine.sampling_params import SamplingParams, SamplingParamsError
 from tlt.engine.scheduler import Scheduler
+from tlt.engine.spec.selector import arm_name
 
 logger = logging.getLogger("tlt.engine")
 
@@ -78,14 +80,29 @@ class Engine:
         self.dtype = cfg.torch_dtype(getattr(hf_config, "torch_dtype", None) or getattr(hf_config, "dtype", None))
         self.context_length = cfg.context_length or mc.max_position_embeddings
 
-        self.spec_config = None
+        # Speculation: a static arm, or a set of arms and the bandit that picks one per decode round.
+        self.spec_arms: list = []
+        self.selector = None
         margin = 0
         if cfg.speculative_algorithm is not None:
+            from tlt.engine.spec.selector import DEFAULT_ARMS, ArmSelector, SelectorConfig, parse_arm
             from tlt.engine.spec.worker import SpecConfig
 
-            self.spec_config = SpecConfig(cfg.speculative_num_steps, cfg.speculative_eagle_topk,
-                                          cfg.speculative_num_draft_tokens)
-            margin = self.spec_config.margin
+            static = SpecConfig(cfg.speculative_num_steps, cfg.speculative_eagle_topk,
+                                cfg.speculative_num_draft_tokens)
+            if cfg.speculative_adaptive:
+                self.spec_arms = [parse_arm(a) for a in (cfg.speculative_arms or DEFAULT_ARMS)]
+                self.selector = ArmSelector(self.spec_arms, SelectorConfig(cfg.speculative_selector,
+                                                                           cfg.speculative_epsilon),
+                                            seed=cfg.random_seed)
+                self.spec_arms = self.selector.arms
+            else:
+                self.spec_arms = [static]
+            margin = max((a.margin for a in self.spec_arms if a is not None), default=0)
+        self.spec_margin = margin
+        self._spec_mode = "adaptive" if self.selector is not None else "fixed"
+        self._fixed_arm = None if self.selector is not None else (self.spec_arms[0] if self.spec_arms else None)
+        self.spec_suspended: str | None = None  # why speculation is off until a new drafter arrives
         with torch.device("meta"):
             model = DecoderLM(mc, max_positions=self.context_length + margin)
         model = model.to_empty(device=self.device).to(self.dtype)
@@ -112,19 +129,29 @@ class Engine:
         self.scheduler = Scheduler(self.kv, cfg.max_prefill_tokens, self.context_length, margin)
         self.spec = None
         self.drafter_version = None
-        if self.spec_config is not None:
+        if cfg.speculative_algorithm is not None:
             from tlt.engine.spec.drafter import EagleDrafter
             from tlt.engine.spec.worker import SpecWorker
 
             drafter = EagleDrafter.load(cfg.speculative_draft_model_path, mc, self.device, self.dtype)
             self.spec = SpecWorker(model, drafter, self.kv)
             self.drafter_version = drafter.cfg.version
+        self._drafter_sink: Callable[[dict], None] | None = None
+        self._aux_layers = self.spec.aux_layers if self.spec is not None else ()
         self.generator = torch.Generator(device="cpu").manual_seed(cfg.random_seed)
         self.load_time = time.perf_counter() - t0
 
         self.stats = {"num_prefill_batches": 0, "num_decode_steps": 0, "generated_tokens": 0, "prompt_tokens": 0,
                       "finished_requests": 0, "aborted_requests": 0, "spec_verify_rounds": 0,
-                      "spec_accepted_tokens": 0}
+                      "spec_accepted_tokens": 0, "spec_rounds_by_arm": {}, "spec_tokens_by_arm": {},
+                      "spec_seconds_by_arm": {}, "drafter_swaps": 0, "spec_fallbacks": 0,
+                      "drafter_records": 0, "drafter_sink_errors": 0}
+        # One entry per decode round: (start s since engine start, arm, batch size, tokens, seconds).
+        self._rounds: collections.deque = collections.deque(maxlen=cfg.round_log_size)
+        self._t_origin = time.perf_counter()
+        # Acceptance watch: mean accepted draft tokens per verified row over recent speculative rounds.
+        self._accept_window: collections.deque = collections.deque(maxlen=64)
+        self._accept_watch: float | None = None  # the pre-update mean, while watching after a policy update
         self._rid_counter = itertools.count()
         self._lock = threading.RLock()
         self._paused = False
@@ -290,9 +317,93 @@ class Engine:
         }
 
     def get_stats(self) -> dict:
-        return dict(self.stats, running=len(self.kv.owners), waiting=len(self.scheduler.waiting),
-                    kv_used_tokens=self.kv.used_tokens(), kv_capacity_tokens=self.kv.capacity_tokens,
-                    kv_allocated_bytes=self.kv.allocated_bytes())
+        out = dict(self.stats, running=len(self.kv.owners), waiting=len(self.scheduler.waiting),
+                   kv_used_tokens=self.kv.used_tokens(), kv_capacity_tokens=self.kv.capacity_tokens,
+                   kv_allocated_bytes=self.kv.allocated_bytes())
+        for key in ("spec_rounds_by_arm", "spec_tokens_by_arm", "spec_seconds_by_arm"):
+            out[key] = dict(self.stats[key])
+        if self.spec is not None:
+            out["speculation"] = {"mode": self._spec_mode, "fixed_arm": arm_name(self._fixed_arm),
+                                  "suspended": self.spec_suspended, "drafter_version": self.drafter_version,
+                                  "arms": [arm_name(a) for a in self.spec_arms]}
+            if self.selector is not None:
+                out["speculation"]["estimates"] = self.selector.snapshot()
+        return out
+
+    # ------------------------------------------------------------------ speculation controls
+    def set_speculation(self, mode: str) -> None:
+        """'adaptive' (the bandit; needs speculative_adaptive), 'off', or one arm such as 's3k1n4', fixed
+        from the next round on. The arm must fit the KV margin the engine was built with."""
+        if self.spec is None:
+            raise ValueError("this engine has no drafter (speculative_draft_model_path)")
+        from tlt.engine.spec.selector import parse_arm
+
+        if mode == "adaptive":
+            if self.selector is None:
+                raise ValueError("adaptive speculation needs an engine built with speculative_adaptive=True")
+            self._call(lambda: setattr(self, "_spec_mode", "adaptive"))
+            return
+        arm = parse_arm(mode)
+        if arm is not None and arm.margin > self.spec_margin:
+            raise ValueError(f"arm {mode} needs a KV margin of {arm.margin} > the engine's {self.spec_margin}; "
+                             "list it in speculative_arms at start")
+
+        def fix():
+            self._spec_mode, self._fixed_arm = "fixed", arm
+
+        self._call(fix)
+
+    def update_drafter(self, drafter, version: str | None = None) -> None:
+        """Swap in a new drafter (an `EagleDrafter` or a drafter folder) between two decode rounds.
+
+        Running sequences keep going: the new drafter rebuilds its KV from their kept target states at its
+        first round. A drafter made for another target, or with non-finite weights, is refused and the
+        current one stays."""
+        if self.spec is None:
+            raise ValueError("this engine has no drafter (speculative_draft_model_path)")
+        from tlt.engine.spec.drafter import EagleDrafter
+
+        if isinstance(drafter, str):
+            drafter = EagleDrafter.load(drafter, self.model_config, self.device, self.dtype)
+        if not isinstance(drafter, EagleDrafter):
+            raise TypeError(f"update_drafter takes an EagleDrafter or a folder, not {type(drafter).__name__}")
+        old = self.spec.drafter.cfg
+        if (drafter.cfg.hidden_size, drafter.cfg.target_vocab_size, tuple(drafter.cfg.aux_layers)) != (
+                old.hidden_size, old.target_vocab_size, tuple(old.aux_layers)):
+            raise ValueError("the new drafter's shape (hidden size, target vocab, aux layers) differs from the "
+                             "engine's drafter")
+        drafter = drafter.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
+        if not all(bool(torch.isfinite(p).all()) for p in drafter.parameters()):
+            raise ValueError("the new drafter has non-finite weights")
+        version = str(version if version is not None else drafter.cfg.version)
+        drafter.cfg.version = version
+        self._call(lambda: self._swap_drafter(drafter, version))
+
+    def set_drafter_data_sink(self, sink: Callable[[dict], None] | None) -> None:
+        """Hand every finished sequence to `sink` as drafter training data, from states the engine computes
+        anyway: {"tokens" [m], "aux" [m, 3H] (aux-layer states), "hidden" [m, H] (last hidden states, the
+        input of the LM head), "prompt_len", "weight_version"}, m = all tokens but the last. None: stop.
+        The sink runs on the engine's loop: it must be quick (e.g. push into a buffer)."""
+        def install():
+            if sink is not None and not self._aux_layers:
+                from tlt.engine.spec.drafter import DrafterConfig
+
+                self._aux_layers = DrafterConfig.for_target(self.model_config).aux_layers
+            self._drafter_sink = sink
+            if sink is None and self.spec is None:
+                self._aux_layers = ()
+
+        self._call(install)
+
+    def get_round_log(self, clear: bool = False) -> list[dict]:
+        """Decode rounds (oldest first): start time (s since engine start), arm, batch size, tokens, seconds."""
+        def read():
+            out = [{"t": t, "arm": a, "batch_size": b, "tokens": n, "seconds": d} for t, a, b, n, d in self._rounds]
+            if clear:
+                self._rounds.clear()
+            return out
+
+        return self._call(read)
 
     def shutdown(self) -> None:
         """Abort everything in flight and stop the loop thread."""
@@ -483,6 +594,57 @@ class Engine:
         self.model.pack_weights()
         if weight_version is not None:
             self.weight_version = str(weight_version)
+        if self.spec is not None:  # the drafter was trained for the old policy: re-check what it is worth
+            if self.selector is not None:
+                self.selector.discount_speculation(self.config.speculative_update_discount)
+            if len(self._accept_window) >= 8 and self._accept_watch is None:
+                self._accept_watch = sum(self._accept_window) / len(self._accept_window)
+            self._accept_window.clear()
+
+    def _watch_acceptance(self, mean_accepted: float) -> None:
+        """After a policy update, suspend speculation if acceptance collapsed (until a new drafter)."""
+        self._accept_window.append(mean_accepted)
+        if self._accept_watch is None or len(self._accept_window) < 8:
+            return
+        now = sum(self._accept_window) / len(self._accept_window)
+        before, self._accept_watch = self._accept_watch, None
+        if now < self.config.speculative_collapse_ratio * before:
+            self.spec_suspended = (f"acceptance collapsed after weight update {self.weight_version}: "
+                                   f"{now:.2f} accepted tokens per round vs {before:.2f} before")
+            self.stats["spec_fallbacks"] += 1
+            logger.warning("speculation suspended until a new drafter arrives: %s", self.spec_suspended)
+
+    def _swap_drafter(self, drafter, version: str) -> None:
+        """Between rounds: install `drafter`; every running row rebuilds its drafter KV from its history."""
+        self.spec.drafter = drafter
+        self.drafter_version = version
+        for s in self.scheduler.running:
+            s.draft_len = 0
+            s.pending_tokens = (s.prompt_ids + s.output_ids)[1: s.total_len]
+            s.pending_aux = list(s.aux_hist)
+        if self.selector is not None:
+            self.selector.discount_speculation(self.config.speculative_update_discount)
+        if self.spec_suspended is not None:
+            logger.warning("drafter %s arrived: speculation resumes", version)
+        self.spec_suspended = None
+        self._accept_watch = None
+        self._accept_window.clear()
+        self.stats["drafter_swaps"] += 1
+
+    def _hand_out(self, s: Sequence) -> None:
+        """A finished sequence's tokens and target states -> the drafter-data sink (never raises)."""
+        m = s.total_len - 1  # positions the target processed (the last token was sampled, not processed)
+        if not s.aux_hist or sum(len(a) for a in s.aux_hist) != m:
+            return
+        record = {"tokens": torch.tensor((s.prompt_ids + s.output_ids)[:m], dtype=torch.int64),
+                  "aux": torch.cat(s.aux_hist).cpu(), "hidden": torch.cat(s.hidden_hist).cpu(),
+                  "prompt_len": len(s.prompt_ids), "weight_version": self.weight_version}
+        try:
+            self._drafter_sink(record)
+            self.stats["drafter_records"] += 1
+        except Exception:  # noqa: BLE001 - the drafter's data path must never break a rollout
+            self.stats["drafter_sink_errors"] += 1
+            logger.exception("drafter data sink failed")
 
     def _flush(self) -> bool:
         if self.scheduler.has_work():
@@ -505,9 +667,8 @@ class Engine:
 
     def _prefill(self, groups: list[RequestGroup]) -> None:
         row_start = groups[0].seqs[0].row
-        aux = self.spec.aux_layers if self.spec is not None else ()
-        hidden, captured = self.runner.prefill([g.prompt_ids for g in groups], row_start, aux)  # [B, T, H]
-        prompt_feats = self.spec.fuse(captured) if self.spec is not None else None  # [B, T, H]
+        hidden, captured = self.runner.prefill([g.prompt_ids for g in groups], row_start, self._aux_layers)
+        aux = torch.cat(captured, dim=-1) if captured else None  # [B, T, 3H]: drafter inputs / data
         self.stats["num_prefill_batches"] += 1
         lens = torch.tensor([len(g.prompt_ids) for g in groups], device=self.device)
         last = hidden[torch.arange(len(groups), device=self.device), lens - 1]  # [B, H]
@@ -530,35 +691,64 @@ class Engine:
             self.scheduler.fork_siblings(g)
             seqs.extend(g.seqs)
             rows.extend([i] * len(g.seqs))
-            if prompt_feats is not None:
+            if aux is not None:
                 L = len(g.prompt_ids)
-                for s in g.seqs:  # the drafter sees (token p+1, feature p) for every prompt position
+                for s in g.seqs:  # the drafter sees (token p+1, aux p) for every prompt position
                     s.draft_len = 0
                     s.pending_tokens = list(g.prompt_ids[1:])
-                    s.pending_feats = [prompt_feats[i, : L - 1]]
+                    s.pending_aux = [aux[i, : L - 1]]
+                    s.aux_hist = [aux[i, : L - 1]]  # siblings share the prompt's tensors
+                    s.hidden_hist = [hidden[i, : L - 1]] if self._drafter_sink is not None else []
         if seqs:
             idx = torch.tensor(rows, device=self.device)
-            feats = None
-            if prompt_feats is not None:
+            node_aux = node_hidden = None
+            if aux is not None:
                 last_pos = torch.tensor([len(groups[i].prompt_ids) - 1 for i in rows], device=self.device)
-                feats = prompt_feats[idx, last_pos].unsqueeze(1)  # [S, 1, H]
-            self._sample_and_append(seqs, logits[idx], feats=feats)
+                node_aux = aux[idx, last_pos].unsqueeze(1)  # [S, 1, 3H]
+                node_hidden = hidden[idx, last_pos].unsqueeze(1)
+            self._sample_and_append(seqs, logits[idx], aux=node_aux, hidden=node_hidden)
 
     def _decode(self) -> None:
+        """One decode round for the running batch: plain, or speculative with the arm chosen for it."""
         seqs = list(self.scheduler.running)
+        B = len(seqs)
+        arm = self._choose_arm(B)
+        t0 = time.perf_counter()
+        before = self.stats["generated_tokens"]
+        if arm is None:
+            hidden, captured = self.runner.decode([s.output_ids[-1] for s in seqs], [s.total_len - 1 for s in seqs],
+                                                  self._aux_layers)
+            aux = torch.cat(captured, dim=-1) if captured else None
+            self._sample_and_append(seqs, self.runner.logits(hidden[:, 0]), aux=aux, hidden=hidden)
+        else:  # see spec/worker.py: catch-up, draft, verify; the walk over the tree is in _sample_and_append
+            root_h, root_logp = self.spec.catch_up(seqs)
+            tree = self.spec.draft(seqs, root_h, root_logp, arm)
+            hidden, aux = self.spec.verify(seqs, tree)
+            self._sample_and_append(seqs, self.runner.logits(hidden), tree=tree, aux=aux, hidden=hidden)
+        self.stats["num_decode_steps"] += 1
+        dt = time.perf_counter() - t0
+        emitted = self.stats["generated_tokens"] - before
         if self.spec is not None:
-            return self._spec_decode(seqs)
-        hidden, _ = self.runner.decode([s.output_ids[-1] for s in seqs], [s.total_len - 1 for s in seqs])
-        self.stats["num_decode_steps"] += 1
-        self._sample_and_append(seqs, self.runner.logits(hidden[:, 0]))
+            name = arm_name(arm)
+            for key, val in (("spec_rounds_by_arm", 1), ("spec_tokens_by_arm", emitted),
+                             ("spec_seconds_by_arm", dt)):
+                self.stats[key][name] = self.stats[key].get(name, 0) + val
+            if self.selector is not None:
+                self.selector.update(B, arm, emitted, dt)
+        self._rounds.append((t0 - self._t_origin, arm_name(arm), B, emitted, dt))
 
-    def _spec_decode(self, seqs: list[Sequence]) -> None:
-        """One speculative round (see spec/worker.py): catch-up, draft, verify, accept."""
-        root_h, root_logp = self.spec.catch_up(seqs)
-        tree = self.spec.draft(seqs, root_h, root_logp, self.spec_config)
-        hidden, feats = self.spec.verify(seqs, tree)
-        self.stats["num_decode_steps"] += 1
-        self._sample_and_append(seqs, self.runner.logits(hidden), tree=tree, feats=feats)
+    def _choose_arm(self, batch_size: int):
+        """The fixed arm, or the selector's pick among the arms that fit this batch (None: plain)."""
+        if self.spec is None or self.spec_suspended is not None:
+            return None
+        if self.selector is None or self._spec_mode == "fixed":
+            return self._fixed_arm
+        cap = self.config.max_prefill_tokens  # verify tokens per round: the same activation bound as prefill
+
+        def fits(arm) -> bool:
+            return arm.margin <= self.spec_margin and arm.num_draft_tokens * batch_size <= cap
+
+        return self.selector.choose(batch_size, fits)
 
     def _prompt_logprobs(self, g: RequestGroup, hidden: torch.Tensor) -> None:
         """input_token_logprobs for prompt positions [start, L): position 0 has no context -> None."""
@@ -580,12 +770,14 @@ class Engine:
     # Inference mode: the runner returns inference tensors, and penalties / the min_new_tokens ban write
     # into the logits in place, which torch refuses outside inference mode.
     @torch.inference_mode()
-    def _sample_and_append(self, seqs: list[Sequence], logits: torch.Tensor, tree=None, feats=None) -> None:
+    def _sample_and_append(self, seqs: list[Sequence], logits: torch.Tensor, tree=None, aux=None,
+                           hidden=None) -> None:
         """Emit tokens from the target's logits and apply stop rules.
 
         logits [B, V]: one token per sequence. logits [B, N, V] with a draft `tree`: walk the tree (see
-        spec/worker.py) and emit every token the target itself would have produced. `feats` [B, N, H]:
-        drafter features of the nodes, queued for the drafter's catch-up.
+        spec/worker.py) and emit every token the target itself would have produced. `aux` [B, N, 3H] and
+        `hidden` [B, N, H]: the target's states at the nodes; those on the accepted path are queued for
+        the drafter's catch-up and kept as drafter data.
         """
         if logits.dim() == 2:
             logits = logits.unsqueeze(1)
@@ -682,14 +874,23 @@ class Engine:
                 s.spec_accept_hist[accepted] += 1
                 self.stats["spec_verify_rounds"] += 1
                 self.stats["spec_accepted_tokens"] += accepted
+            if aux is not None:
+                node_aux = aux[b, paths[b][:kept]]
+                s.aux_hist.append(node_aux)
+                if self._drafter_sink is not None:
+                    s.hidden_hist.append(hidden[b, paths[b][:kept]])
+                if reason is None:
+                    s.pending_tokens.extend(s.output_ids[-kept:])
+                    s.pending_aux.append(node_aux)
             if reason is not None:
                 finished.append((s, reason))
-            elif feats is not None:
-                s.pending_tokens.extend(s.output_ids[-kept:])
-                s.pending_feats.append(feats[b, paths[b][:kept]])
         self.stats["generated_tokens"] += emitted_total
+        if tree is not None:
+            self._watch_acceptance(sum(len(p) - 1 for p in paths) / B)
         for s, reason in finished:
             self.scheduler.finish(s, reason)
+            if self._drafter_sink is not None:
+                self._hand_out(s)
         touched = {id(s.group): s.group for s in seqs}
         for g in touched.values():
             if g.finished:
@@ -714,6 +915,9 @@ class Engine:
     # ------------------------------------------------------------------ outputs
     def _publish(self, g: RequestGroup, finished: bool) -> None:
         g.outputs = [self._output(s) for s in g.seqs]
+        if finished:  # drop the drafter state the sequences no longer need
+            for s in g.seqs:
+                s.pending_tokens, s.pending_aux, s.aux_hist, s.hidden_hist = [], [], [], []
         try:
             g.on_update(g, finished)
         except Exception:  # noqa: BLE001 - a consumer's failure must not stop the engine

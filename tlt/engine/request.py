@@ -34,11 +34,16 @@ class Sequence:
     spec_verify_ct: int = 0
     spec_accepted_tokens: int = 0
     spec_accept_hist: list[int] = field(default_factory=list)
-    # Drafter state (speculative decoding): entries in the drafter's KV, and (token, feature) pairs
-    # produced by the target that the drafter has not consumed yet.
+    # Drafter state (speculative decoding): entries in the drafter's KV, and the (token p+1, target aux
+    # hidden states at p) pairs it has not consumed yet. `aux_hist` keeps the aux states of every position
+    # the target processed (chunks [k, 3H]): a new drafter version rebuilds its KV from them, and they are
+    # the drafter's training data. `hidden_hist`: the target's last hidden states, kept only while a
+    # drafter-data sink is set (the training labels are computed from them).
     draft_len: int = 0
     pending_tokens: list[int] = field(default_factory=list)
-    pending_feats: list = field(default_factory=list)
+    pending_aux: list = field(default_factory=list)
+    aux_hist: list = field(default_factory=list)
+    hidden_hist: list = field(default_factory=list)
 
     @property
     def prompt_ids(self) -> list[int]:

@@ -48,26 +48,23 @@ class SpecWorker:
         self.aux_layers = tuple(drafter.cfg.aux_layers)
         self.device = model.embed.weight.device
 
-    # ------------------------------------------------------------------ features
-    def fuse(self, captured: list[torch.Tensor]) -> torch.Tensor:
-        """Target hidden states captured at the aux layers -> drafter features [..., H]."""
-        return self.drafter.fuse(captured)
-
     # ------------------------------------------------------------------ catch-up
     @torch.inference_mode()
     def catch_up(self, seqs) -> tuple[torch.Tensor, torch.Tensor]:
-        """Feed each row's pending (token, feature) pairs; returns the last output feature [B, H] and
-        draft log-probabilities [B, Vd] at each row's newest position."""
+        """Feed each row's pending (token, target aux states) pairs; returns the last output feature [B, H]
+        and draft log-probabilities [B, Vd] at each row's newest position."""
         B = len(seqs)
         m = [len(s.pending_tokens) for s in seqs]
         T = max(m)
         dev = self.device
         scratch = self.kv.alloc_len - 1
         tokens = torch.zeros((B, T), dtype=torch.int64, device=dev)
-        feats = torch.zeros((B, T, self.drafter.cfg.hidden_size), dtype=self.model.embed.weight.dtype, device=dev)
+        aux = torch.zeros((B, T, 3 * self.drafter.cfg.hidden_size), dtype=self.model.embed.weight.dtype,
+                          device=dev)
         for b, s in enumerate(seqs):
             tokens[b, : m[b]] = torch.tensor(s.pending_tokens, dtype=torch.int64)
-            feats[b, : m[b]] = torch.cat(s.pending_feats, 0)
+            aux[b, : m[b]] = torch.cat(s.pending_aux, 0)
+        feats = self.drafter.fc(aux)
         start = torch.tensor([s.draft_len for s in seqs], device=dev)
         valid = torch.arange(T, device=dev).view(1, T) < torch.tensor(m, device=dev).view(B, 1)
         positions = start.view(B, 1) + torch.arange(T, device=dev).view(1, T)
@@ -80,7 +77,7 @@ class SpecWorker:
         rows = torch.arange(B, device=dev)
         for s, n in zip(seqs, m):
             s.draft_len += n
-            s.pending_tokens, s.pending_feats = [], []
+            s.pending_tokens, s.pending_aux = [], []
         return h[rows, last], torch.log_softmax(logits[rows, last], dim=-1)
 
     def _drafter_forward(self, tokens, feats, positions, slots, mask, kv_len):
@@ -146,7 +143,7 @@ class SpecWorker:
     # ------------------------------------------------------------------ verify
     @torch.inference_mode()
     def verify(self, seqs, tree: DraftTree):
-        """Target forward over the tree -> (hidden [B, N, H], fused features [B, N, H])."""
+        """Target forward over the tree -> (hidden [B, N, H], aux-layer states [B, N, 3H])."""
         B, N = tree.tokens.shape
         dev = self.device
         n = torch.tensor([s.total_len - 1 for s in seqs], device=dev)  # target KV length
@@ -158,7 +155,7 @@ class SpecWorker:
         rows = torch.arange(B, device=dev).view(B, 1).expand(B, N)
         batch = AttentionBatch(0, positions, mask, kv_len, rows, slots)
         hidden, captured = self.model(tree.tokens, batch, self.kv.k, self.kv.v, self.aux_layers)
-        return hidden, self.fuse(captured)
+        return hidden, torch.cat(captured, dim=-1)
 
     @torch.no_grad()
     def commit_path(self, seqs, paths: list[list[int]]) -> None:
