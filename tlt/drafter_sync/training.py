@@ -1,4 +1,4 @@
-"""Drafter training: data from the engine itself, the multi-step "training-time test" loss, a loop.
+"""Drafter training: data from the engine itself, the multi-step "training-time test" loss, a step-wise trainer.
 
 Data. Prompts -> the target's own generations (the engine) -> one target forward over each whole
 sequence, capturing the hidden states of the drafter's three aux layers and the target's next-token
@@ -14,6 +14,7 @@ the target's probabilities renormalised over the draft vocabulary.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -160,36 +161,111 @@ def ttt_loss(drafter: EagleDrafter, embed: torch.nn.Module, rope, batch: Drafter
     return total, accs
 
 
+@dataclass
+class TrainerConfig:
+    """Hyper-parameters of drafter training; saved with checkpoints so that a resumed run keeps its schedule."""
+
+    ttt_steps: int = 3  # draft depths trained by the training-time-test loss
+    lr: float = 1e-3
+    max_steps: int | None = None  # cosine decay to 0 over max_steps; None (online): constant after warm-up
+    warmup_steps: int | None = None  # default: max_steps // 20 (at least 1), or 20 without max_steps
+    grad_clip: float = 1.0
+    autocast: bool = False  # bf16 autocast (off by default: on this CPU its backward measured 2.5x slower)
+
+    def __post_init__(self):
+        if self.ttt_steps < 1 or self.lr <= 0 or self.grad_clip <= 0:
+            raise ValueError(f"invalid drafter training config {self}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be positive, got {self.max_steps}")
+        if self.warmup_steps is None:
+            self.warmup_steps = max(1, self.max_steps // 20) if self.max_steps else 20
+        if self.warmup_steps < 1:
+            raise ValueError(f"warmup_steps must be positive, got {self.warmup_steps}")
+
+    def lr_factor(self, step: int) -> float:
+        """Multiplier of `lr` at optimizer step `step` (linear warm-up, then cosine decay or constant)."""
+        warm = min(1.0, (step + 1) / self.warmup_steps)
+        if self.max_steps is None:
+            return warm
+        return warm * 0.5 * (1 + math.cos(math.pi * min(step, self.max_steps) / self.max_steps))
+
+
+class DrafterTrainer:
+    """The drafter's optimisation state (AdamW and its schedule) advanced one batch at a time.
+
+    Step-wise so that training can stop between any two steps (spot training in idle compute) and
+    its whole state can be saved and restored. A step that meets a non-finite loss or gradient raises
+    `FloatingPointError` before the optimizer touches the weights."""
+
+    def __init__(self, drafter: EagleDrafter, embed: torch.nn.Module, rope, config: TrainerConfig | None = None):
+        self.drafter, self.embed, self.rope = drafter, embed, rope
+        self.config = config or TrainerConfig()
+        self.params = [p for p in drafter.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("the drafter has no trainable parameters (call drafter.requires_grad_(True))")
+        self.opt = torch.optim.AdamW(self.params, lr=self.config.lr, weight_decay=0.0, betas=(0.9, 0.95))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self.config.lr_factor)
+        self.step_count = 0
+
+    def step(self, items: list[dict]) -> dict:
+        """One optimizer step on `items` (the format of `target_features`) -> {"loss", "acc" per depth}."""
+        dev = next(self.drafter.parameters()).device
+        b = collate(items)
+        batch = DrafterBatch(b.tokens.to(dev), b.aux.to(dev), b.target_logp.to(dev), b.valid.to(dev))
+        self.drafter.train()
+        with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=self.config.autocast):
+            loss, accs = ttt_loss(self.drafter, self.embed, self.rope, batch, self.config.ttt_steps)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite drafter loss at step {self.step_count}")
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)
+        if not torch.isfinite(norm):
+            self.opt.zero_grad(set_to_none=True)
+            raise FloatingPointError(f"non-finite drafter gradient at step {self.step_count}")
+        self.opt.step()
+        self.sched.step()
+        self.step_count += 1
+        return {"loss": float(loss.detach()), "acc": accs}
+
+    def state_dict(self) -> dict:
+        """Everything a resumed run needs besides the data: config, drafter, optimizer, schedule, step count.
+
+        Tensors are the live ones (not copies); `torch.save` or a deep copy makes them a snapshot."""
+        return {"config": dataclasses.asdict(self.config), "drafter_cfg": dataclasses.asdict(self.drafter.cfg),
+                "drafter": self.drafter.state_dict(), "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(), "step": self.step_count}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict()` output taken from a trainer of the same drafter shape and config.
+
+        The optimizer keeps references to the tensors of `state` (torch's behaviour): pass a copy when
+        `state` must stay untouched by later steps."""
+        if state["config"] != dataclasses.asdict(self.config):
+            raise ValueError(f"trainer config differs from the saved one: {state['config']}")
+        self.drafter.load_state_dict(state["drafter"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.step_count = state["step"]
+        self.opt.zero_grad(set_to_none=True)
+
+
 def train_drafter(drafter: EagleDrafter, embed, rope, data: list[dict], *, steps: int = 3, max_steps: int = 400,
                   batch_size: int = 8, lr: float = 1e-3, seed: int = 0, window: int = 96, autocast: bool = False,
                   log: Callable[[str], None] = print, time_budget_s: float | None = None) -> dict:
     """AdamW with warm-up and cosine decay over `max_steps`; returns the final metrics."""
     g = torch.Generator().manual_seed(seed)
-    drafter.train()
-    params = [p for p in drafter.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.95))
-    warm = max(1, max_steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, max_steps) / max_steps)))
+    trainer = DrafterTrainer(drafter, embed, rope,
+                             TrainerConfig(ttt_steps=steps, lr=lr, max_steps=max_steps, autocast=autocast))
     t0 = time.perf_counter()
     metrics = {}
     for step in range(max_steps):
         idx = torch.randint(0, len(data), (batch_size,), generator=g).tolist()
-        batch = collate([crop(data[i], window, g) for i in idx])
-        # bf16 autocast (off by default: on this CPU its backward measured 2.5x slower than fp32).
-        with torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=autocast):
-            loss, accs = ttt_loss(drafter, embed, rope, batch, steps)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite drafter loss at step {step}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        metrics = {"step": step + 1, "loss": float(loss.detach()), "acc": accs, "elapsed_s": time.perf_counter() - t0}
+        out = trainer.step([crop(data[i], window, g) for i in idx])
+        metrics = {"step": step + 1, **out, "elapsed_s": time.perf_counter() - t0}
         if step % 20 == 0 or step == max_steps - 1:
-            acc = " ".join(f"{a:.2f}" for a in accs)
-            log(f"  step {step + 1}/{max_steps}  loss {float(loss.detach()):.3f}  top-1 per depth {acc}  "
+            acc = " ".join(f"{a:.2f}" for a in out["acc"])
+            log(f"  step {step + 1}/{max_steps}  loss {out['loss']:.3f}  top-1 per depth {acc}  "
                 f"{metrics['elapsed_s']:.0f}s")
         if time_budget_s is not None and metrics["elapsed_s"] > time_budget_s:
             log(f"  time budget reached at step {step + 1}")
