@@ -733,7 +733,7 @@ class Engine:
             for key, val in (("spec_rounds_by_arm", 1), ("spec_tokens_by_arm", emitted),
                              ("spec_seconds_by_arm", dt)):
                 self.stats[key][name] = self.stats[key].get(name, 0) + val
-            if self.selector is not None:
+            if self.selector is not None and self._spec_mode == "adaptive":  # it learns from its own picks
                 self.selector.update(B, arm, emitted, dt)
         self._rounds.append((t0 - self._t_origin, arm_name(arm), B, emitted, dt))
 
