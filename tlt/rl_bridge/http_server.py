@@ -127,6 +127,29 @@ def create_app(engine: Engine, api_key: str | None = None, weight_roots: list[st
             lambda: engine.update_weights_from_tensor(named, weight_version=weight_version))
         return _weights_ok(message)
 
+    # ------------------------------------------------------------------------------------------ drafter
+    @app.post("/update_drafter")
+    async def update_drafter(request: Request):
+        """A new drafter version from a folder (under --weight-roots); the current one stays on any error."""
+        req = schemas.parse(schemas.UpdateDrafterReq, await request.body())
+        path = _weights_guard(lambda: resolve_weight_path(req.path, opts.weight_roots))
+        _weights_guard(lambda: engine.update_drafter(path, version=req.version))
+        return JSONResponse({"success": True, "drafter_version": engine.drafter_version})
+
+    @app.post("/set_speculation")
+    async def set_speculation(request: Request):
+        req = schemas.parse(schemas.SetSpeculationReq, await request.body())
+        try:
+            engine.set_speculation(req.mode)
+        except ValueError as e:
+            raise ApiError(400, str(e)) from None
+        return JSONResponse({"success": True, "speculation": engine.get_stats().get("speculation")})
+
+    @app.get("/get_round_log")
+    async def get_round_log(clear: bool = False):
+        """Decode rounds (arm, batch size, tokens, seconds): the rollout timeline."""
+        return JSONResponse({"rounds": engine.get_round_log(clear=clear)})
+
     def _weights_ok(message: str):
         return JSONResponse({"success": True, "message": message, "num_paused_requests": 0,
                              "weight_version": engine.weight_version})
@@ -410,8 +433,19 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     g.add_argument("--random-seed", type=int, default=None)
     g.add_argument("--torch-num-threads", type=int, default=None, help="CPU threads for torch")
     for f in _speculative_fields():  # whatever speculative settings the engine has, under their SGLang names
-        kind = int if "int" in str(f.type) else float if "float" in str(f.type) else str
-        g.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default)
+        flag = "--" + f.name.replace("_", "-")
+        t = str(f.type)
+        if "bool" in t:
+            g.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+        elif "list" in t:
+            g.add_argument(flag, type=lambda v: [a for a in v.split(",") if a], default=f.default,
+                           help="comma-separated, e.g. s2k1n3,s3k1n4,s4k2n8")
+        else:
+            kind = int if "int" in t else float if "float" in t else str
+            g.add_argument(flag, type=kind, default=f.default)
+    g.add_argument("--drafter", dest="speculative_draft_model_path", default=None, metavar="DIR",
+                   help="a drafter folder (tlt train-drafter, or the online trainer's output): "
+                        "same as --speculative-draft-model-path")
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1",
                    help="address to bind; anything but loopback requires --api-key and --weight-roots")

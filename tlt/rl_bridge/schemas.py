@@ -117,6 +117,19 @@ class GenerateReqInput(_WithExtras):
         return self
 
 
+class UpdateDrafterReq(_Strict):
+    """POST /update_drafter (tlt): swap in the drafter folder at `path` between two decode rounds."""
+
+    path: str
+    version: str | None = None
+
+
+class SetSpeculationReq(_Strict):
+    """POST /set_speculation (tlt): 'adaptive', 'off', or one arm such as 's3k1n4'."""
+
+    mode: str
+
+
 class UpdateWeightsFromDiskReq(_Strict):
     """POST /update_weights_from_disk (SGLang `UpdateWeightFromDiskReqInput`)."""
 
