@@ -170,3 +170,24 @@ def test_drafter_data_equals_a_full_forward(target_dir, drafters, spec):
     assert out["meta_info"]["finish_reason"]["type"] == "length"
     assert e.get_stats()["drafter_sink_errors"] == 1
     e.shutdown()
+
+
+def test_packed_bf16_drafter_matches_plain(base_engine):
+    """The engine serves its drafter with oneDNN pre-packed weights (CPU, bf16): same outputs as unpacked."""
+    from tlt.engine.models.decoder import Linear, cpu_packing_supported
+
+    if not cpu_packing_supported(torch.bfloat16, torch.device("cpu")):
+        pytest.skip("no oneDNN bf16 packing on this CPU")
+    d = EagleDrafter.random(base_engine.model_config, seed=3, draft_vocab_size=512).to(torch.bfloat16)
+    d.eval().requires_grad_(False)
+    h = torch.randn(4, 7, d.cfg.hidden_size, dtype=torch.bfloat16)
+    aux = torch.randn(4, 7, 3 * d.cfg.hidden_size, dtype=torch.bfloat16)
+    plain = (d.fc(aux), d.layer_input(h, h), d.head(h))
+    d.pack_weights()
+    assert all(m.packed is not None for m in d.modules() if isinstance(m, Linear))
+    packed = (d.fc(aux), d.layer_input(h, h), d.head(h))
+    for a, b in zip(plain, packed):
+        assert torch.allclose(a.float(), b.float(), rtol=2e-2, atol=2e-2)
+    trainable = EagleDrafter.random(base_engine.model_config, seed=3, draft_vocab_size=512).to(torch.bfloat16)
+    trainable.pack_weights()  # a drafter being trained is never packed: its parameters change every step
+    assert all(m.packed is None for m in trainable.modules() if isinstance(m, Linear))

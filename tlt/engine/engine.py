@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import copy
 import itertools
 import logging
 import threading
@@ -134,6 +135,7 @@ class Engine:
             from tlt.engine.spec.worker import SpecWorker
 
             drafter = EagleDrafter.load(cfg.speculative_draft_model_path, mc, self.device, self.dtype)
+            drafter.pack_weights()
             self.spec = SpecWorker(model, drafter, self.kv)
             self.drafter_version = drafter.cfg.version
         self._drafter_sink: Callable[[dict], None] | None = None
@@ -372,9 +374,11 @@ class Engine:
                 old.hidden_size, old.target_vocab_size, tuple(old.aux_layers)):
             raise ValueError("the new drafter's shape (hidden size, target vocab, aux layers) differs from the "
                              "engine's drafter")
-        drafter = drafter.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
+        # A private copy: the caller may keep training its drafter; the engine's is frozen and packed.
+        drafter = copy.deepcopy(drafter).to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
         if not all(bool(torch.isfinite(p).all()) for p in drafter.parameters()):
             raise ValueError("the new drafter has non-finite weights")
+        drafter.pack_weights()
         version = str(version if version is not None else drafter.cfg.version)
         drafter.cfg.version = version
         self._call(lambda: self._swap_drafter(drafter, version))

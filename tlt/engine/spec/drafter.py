@@ -17,10 +17,9 @@ import os
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from tlt.engine.models.decoder import AttentionBatch, DecoderLayer, RMSNorm
+from tlt.engine.models.decoder import AttentionBatch, DecoderLayer, Linear, RMSNorm, cpu_packing_supported
 from tlt.engine.models.model_config import ModelConfig
 
 FORMAT = "tlt-eagle3-drafter-v1"
@@ -52,13 +51,13 @@ class EagleDrafter(nn.Module):
         self.cfg = cfg
         H = cfg.hidden_size
         self.layer_cfg = dataclasses.replace(target, num_layers=1, attention_bias=False, qk_norm=False)
-        self.fc = nn.Linear(3 * H, H, bias=False)
+        self.fc = Linear(3 * H, H, bias=False)
         self.emb_norm = RMSNorm(H, target.rms_norm_eps)
         self.feat_norm = RMSNorm(H, target.rms_norm_eps)
-        self.in_proj = nn.Linear(2 * H, H, bias=False)
+        self.in_proj = Linear(2 * H, H, bias=False)
         self.layer = DecoderLayer(self.layer_cfg)
         self.norm = RMSNorm(H, target.rms_norm_eps)
-        self.lm_head = nn.Linear(H, cfg.draft_vocab_size, bias=False)
+        self.lm_head = Linear(H, cfg.draft_vocab_size, bias=False)
         self.register_buffer("d2t", torch.arange(cfg.draft_vocab_size), persistent=True)
 
     def fuse(self, aux_hidden: list[torch.Tensor]) -> torch.Tensor:
@@ -77,7 +76,16 @@ class EagleDrafter(nn.Module):
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Layer output [..., H] -> draft logits [..., draft_vocab] in float32."""
-        return F.linear(self.norm(h), self.lm_head.weight).float()
+        return self.lm_head(self.norm(h)).float()
+
+    def pack_weights(self) -> None:
+        """Pre-packed weight copies for inference on CPU in bf16/fp16 (as the target's; ~2x faster GEMV).
+        Only for a drafter that serves: training reads the parameters, which packing leaves untouched."""
+        w = self.fc.weight
+        enabled = cpu_packing_supported(w.dtype, w.device) and not w.requires_grad
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.pack(enabled)
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str) -> None:
