@@ -73,3 +73,14 @@ def test_update_drafter(http, drafter_root, tmp_path):
     assert missing.status_code in (400, 404)
     assert http.get("/get_model_info").json()["drafter_version"] == "v2"  # unchanged after refusals
     assert _gen(http)["output_ids"] == ref["output_ids"]
+
+
+def test_metrics_by_arm(http):
+    http.post("/set_speculation", json={"mode": "s2k1n3"})
+    _gen(http)
+    text = http.get("/metrics").text
+    assert 'tlt:spec_rounds_total{' in text and 'arm="s2k1n3"' in text
+    assert "tlt:spec_suspended{" in text
+    line = next(x for x in text.splitlines() if x.startswith("tlt:spec_accept_length{"))
+    assert float(line.split()[-1]) >= 1.0  # tokens per sequence per round: at least the target's own
+    http.post("/set_speculation", json={"mode": "adaptive"})

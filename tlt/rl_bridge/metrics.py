@@ -69,9 +69,18 @@ class ServerMetrics:
         metric("e2e_request_latency_seconds_count", "counter", "Finished /generate requests timed.",
                self.e2e_latency_count)
         rounds, accepted = stats.get("spec_verify_rounds"), stats.get("spec_accepted_tokens")
-        if rounds:
-            metric("spec_accept_length", "gauge", "Tokens emitted per speculative verify round (mean).",
-                   accepted / rounds)
+        if rounds:  # counted per sequence and round: accepted draft tokens + the target's own token
+            metric("spec_accept_length", "gauge", "Tokens emitted per sequence per speculative round (mean).",
+                   1 + accepted / rounds)
+        for key, name, help_ in (("spec_rounds_by_arm", "spec_rounds_total", "Decode rounds by arm chosen."),
+                                 ("spec_tokens_by_arm", "spec_tokens_total", "Tokens emitted by arm chosen."),
+                                 ("spec_seconds_by_arm", "spec_seconds_total", "Decode seconds by arm chosen.")):
+            for arm, value in sorted(stats.get(key, {}).items()):
+                metric(name, "counter", help_, value, f'arm="{_escape(arm)}"')
+        spec = stats.get("speculation")
+        if spec:
+            metric("spec_suspended", "gauge", "1 while speculation is suspended (acceptance collapsed).",
+                   int(spec.get("suspended") is not None))
         for key, value in sorted(stats.items()):  # engine counters without a name above, as they come
             if key not in _NAMED_STATS and isinstance(value, (int, float)) and not isinstance(value, bool):
                 metric(f"engine_{key}", "untyped", f"Engine statistic {key!r}.", value)
