@@ -40,7 +40,7 @@ from tlt.engine.models.weights import (
 )
 from tlt.engine.request import RequestGroup, SeqStatus, Sequence
 from tlt.engine.runner import ModelRunner
-from tlt.engine.sampling import apply_penalties, build_sampling_batch, sample, seeded_gumbel
+from tlt.engine.sampling import apply_penalties, build_sampling_batch, sample, seeded_gumbel_rows
 from tlt.engine.sampling_params import SamplingParams, SamplingParamsError
 from tlt.engine.scheduler import Scheduler
 from tlt.engine.spec.selector import arm_name
@@ -807,17 +807,21 @@ class Engine:
         D = int(depth.max()) + 1
         # One uniform per (row, output position): nodes of equal depth share it, only one is ever emitted.
         u = torch.rand((B, D), generator=self.generator).to(dev).gather(1, depth)  # [B, N]
-        gumbel: dict[int, torch.Tensor] = {}
+        # Seeded rows: noise per (row, output position); nodes of equal depth share their position's noise.
+        keys: dict[tuple[int, int, int], int] = {}
+        g_rows, g_keys = [], []
         depth_list = depth.tolist()
         for i, s in enumerate(seqs):
             p = s.params
             if p.sampling_seed is not None and not p.greedy:
-                noise = {}
-                for j in range(N):  # nodes of equal depth share their position's noise
-                    d = depth_list[i][j]
-                    if d not in noise:
-                        noise[d] = seeded_gumbel(p.sampling_seed, s.sample_index, len(s.output_ids) + d, V, dev)
-                    gumbel[i * N + j] = noise[d]
+                for j in range(N):
+                    key = (p.sampling_seed, s.sample_index, len(s.output_ids) + depth_list[i][j])
+                    g_rows.append(i * N + j)
+                    g_keys.append(keys.setdefault(key, len(keys)))
+        gumbel = None
+        if g_rows:
+            noise = seeded_gumbel_rows(list(keys), V, dev)
+            gumbel = (torch.tensor(g_rows, device=dev), noise if len(keys) == len(g_rows) else noise[g_keys])
         want_lp = [b for b, s in enumerate(seqs) if s.group.return_logprob]
         tokens, logprobs = sample(logits.reshape(B * N, V), sb, u.reshape(-1), gumbel, need_logprobs=bool(want_lp))
         target = tokens.view(B, N).tolist()
