@@ -26,10 +26,11 @@ from typing import Any
 
 import torch
 
+from tlt.engine import weight_sync
 from tlt.engine.config import EngineConfig
 from tlt.engine.detokenize import Detokenizer
 from tlt.engine.kv_cache import KVCache
-from tlt.engine.models.decoder import DecoderLM
+from tlt.engine.models.decoder import DecoderLM, Linear
 from tlt.engine.models.model_config import ModelConfig
 from tlt.engine.models.weights import (
     HFWeights,
@@ -157,7 +158,9 @@ class Engine:
         self._rid_counter = itertools.count()
         self._lock = threading.RLock()
         self._paused = False
-        self._released: set[str] = set()
+        self._released: set[str] = set()  # memory tags released (release_memory_occupation)
+        self._weights_on_host: list[tuple[torch.nn.Parameter, torch.Tensor]] = []  # CUDA, weights released
+        self._weight_groups: dict[str, weight_sync.WeightsUpdateGroup] = {}
         self._stopped = False
         self._async_drivers: dict[int, asyncio.Task] = {}
 
@@ -259,6 +262,7 @@ class Engine:
         """Replace some or all weights (HF names). Atomic: on any error nothing changes and it raises."""
         if isinstance(named_tensors, dict):
             named_tensors = list(named_tensors.items())
+        self._need_weights()
         staged = self.weights.stage(named_tensors)  # validation happens here, off the loop thread
         self._call(lambda: self._commit_weights(staged, weight_version))
         return True, f"updated {len(staged)} tensors"
@@ -268,6 +272,7 @@ class Engine:
         """Load every weight from a checkpoint (HF folder or GGUF). Atomic, as above."""
         if load_format not in (None, "auto"):
             raise WeightUpdateError(f"load_format {load_format!r} is not supported")
+        self._need_weights()
         kind, path = resolve_checkpoint(model_path)
         hf = load_hf_config(kind, path)
         other = ModelConfig.from_hf(hf)
@@ -289,8 +294,150 @@ class Engine:
             name = "model.embed_tokens.weight"
         if name not in self.weights.map:
             raise KeyError(f"unknown weight name {name!r}")
+        self._need_weights()
         pname, lo, hi = self.weights.map[name]
         return self.weights.params[pname].data[lo:hi].detach().clone()
+
+    # ------------------------------------------------------------------ weights broadcast by a trainer
+    # SGLang's protocol (see weight_sync.py). Which thread does what: joining the group and receiving the
+    # broadcasts block on the network, for seconds or until the trainer's timeout, so `async_...` runs the
+    # receive in a worker thread and the event loop keeps stepping the engine meanwhile; it moves bytes, not
+    # compute, so the one-thread rule of the module docstring holds. Validation then runs on the caller's
+    # thread and the commit under the engine lock, between two engine steps, exactly as for
+    # `update_weights_from_tensor`: the received tensors are the staging buffers.
+    def init_weights_update_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
+                                  group_name: str = "weight_update_group", backend: str = "nccl") -> tuple[bool, str]:
+        """Join the trainer's weight-update group as rank `rank_offset` (the trainer is rank 0). Blocks until
+        every rank has joined. backend: gloo (CPU) or nccl (CUDA engine)."""
+        if group_name in self._weight_groups:
+            raise ValueError(f"weight update group {group_name!r} exists already; destroy it first")
+        group = weight_sync.join_group(group_name, backend, master_address, master_port, rank_offset, world_size,
+                                       self.device)
+        if self._weight_groups.setdefault(group_name, group) is not group:  # a concurrent init won
+            weight_sync.leave(group)
+            raise ValueError(f"weight update group {group_name!r} exists already; destroy it first")
+        return True, f"joined weight update group {group_name!r} as rank {group.rank} of {world_size} ({backend})"
+
+    def update_weights_from_distributed(self, names: list[str], dtypes: list[str], shapes: list[list[int]],
+                                        group_name: str = "weight_update_group", weight_version: str | None = None,
+                                        load_format: str | None = None) -> tuple[bool, str]:
+        """Receive the tensors the trainer broadcasts (HF names; dtype names such as 'bfloat16'), then apply
+        them as one atomic update. Blocks the calling thread until all have arrived.
+
+        Every tensor is received before anything is checked, so that a refused update still lets the
+        trainer's broadcasts complete; then one bad name, shape or dtype refuses the whole update and the
+        weights stay bit-identical."""
+        received = self._receive_weights(names, dtypes, shapes, group_name)
+        return self._apply_received(received, weight_version, load_format)
+
+    async def async_update_weights_from_distributed(self, names, dtypes, shapes, group_name="weight_update_group",
+                                                    weight_version=None, load_format=None) -> tuple[bool, str]:
+        """`update_weights_from_distributed` for asyncio: the receive waits in a worker thread."""
+        received = await asyncio.get_running_loop().run_in_executor(
+            None, self._receive_weights, names, dtypes, shapes, group_name)
+        return self._apply_received(received, weight_version, load_format)
+
+    def destroy_weights_update_group(self, group_name: str = "weight_update_group") -> tuple[bool, str]:
+        """Leave a weight-update group (refused while it is receiving)."""
+        group = self._weight_groups.get(group_name)
+        if group is None:
+            raise ValueError(f"no weight update group {group_name!r}")
+        weight_sync.leave(group)
+        del self._weight_groups[group_name]
+        return True, f"destroyed weight update group {group_name!r}"
+
+    def _receive_weights(self, names, dtypes, shapes, group_name) -> list[tuple[str, torch.Tensor]]:
+        group = self._weight_groups.get(group_name)
+        if group is None:
+            raise ValueError(f"no weight update group {group_name!r}: call init_weights_update_group first")
+        return weight_sync.receive(group, weight_sync.parse_transfer(names, dtypes, shapes))
+
+    def _apply_received(self, received, weight_version, load_format) -> tuple[bool, str]:
+        if load_format not in (None, "auto"):
+            raise WeightUpdateError(f"load_format {load_format!r} is not supported")
+        _, message = self.update_weights_from_tensor(received, weight_version=weight_version)
+        return True, f"{message} received from the trainer"
+
+    # ------------------------------------------------------------------ memory release
+    def release_memory_occupation(self, tags: list[str] | None = None) -> None:
+        """Free memory until `resume_memory_occupation` (SGLang's tags; None: kv_cache and weights).
+
+        - kv_cache: the KV tensors are dropped (on CUDA also handed back to the driver). After resume the
+          cache grows again on demand, as after start.
+        - weights: on CUDA every weight of the target and the drafter moves to pinned CPU memory and its
+          GPU memory is freed; resume copies it back. On CPU the parameters are themselves the kept copy
+          and stay; what is freed are the target's oneDNN pre-packed copies (bf16/fp16: as large as the
+          weights), rebuilt from the parameters on resume. Weight updates are refused while weights are
+          released (SGLang clients resume weights first, then update).
+        - cuda_graph: accepted for SGLang clients; frees nothing (the engine captures no CUDA graphs).
+
+        Only when no request is in flight, as in SGLang; while anything is released, generating raises
+        EngineError. Releasing what is released, or resuming what is not, changes nothing.
+        """
+        tags = self._memory_tags(tags)
+
+        def release():
+            if self.scheduler.has_work():
+                raise ValueError("requests are in flight: abort or finish them before releasing memory")
+            if "kv_cache" in tags and "kv_cache" not in self._released:
+                self.kv.clear()
+            if "weights" in tags and "weights" not in self._released:
+                self._offload_weights()
+            self._released |= tags - {"cuda_graph"}
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+        self._call(release)
+
+    def resume_memory_occupation(self, tags: list[str] | None = None) -> None:
+        """Take back what `release_memory_occupation` freed; outputs are then those before the release."""
+        tags = self._memory_tags(tags)
+
+        def resume():
+            if "weights" in tags and "weights" in self._released:
+                for param, host in self._weights_on_host:
+                    param.data = host.to(self.device)
+                self._weights_on_host = []
+                self.model.pack_weights()
+            self._released -= tags
+
+        self._call(resume)
+
+    @property
+    def released_memory(self) -> list[str]:
+        """The memory tags released now (empty when the engine can generate)."""
+        return sorted(self._released)
+
+    @staticmethod
+    def _memory_tags(tags: list[str] | None) -> set[str]:
+        known = ("kv_cache", "weights", "cuda_graph")
+        if tags is None:
+            return {"kv_cache", "weights"}
+        if not isinstance(tags, (list, tuple)) or not all(isinstance(t, str) for t in tags):
+            raise ValueError("tags must be a list of strings")
+        unknown = sorted(set(tags) - set(known))
+        if unknown:
+            raise ValueError(f"unknown memory tag(s) {unknown}; known: {list(known)}")
+        return set(tags)
+
+    def _offload_weights(self) -> None:
+        for m in self.model.modules():
+            if isinstance(m, Linear):
+                m.pack(False)
+        self.model.head_packed = None
+        if self.device.type != "cuda":
+            return
+        modules = [self.model] + ([self.spec.drafter] if self.spec is not None else [])
+        params = {id(p): p for m in modules for p in m.parameters()}.values()
+        for p in params:
+            host = torch.empty(p.shape, dtype=p.dtype, pin_memory=True)
+            host.copy_(p.data)
+            self._weights_on_host.append((p, host))
+            p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+
+    def _need_weights(self) -> None:
+        if "weights" in self._released:
+            raise EngineError("weights are released: resume_memory_occupation(['weights']) first")
 
     def flush_cache(self) -> bool:
         """Drop cached KV memory; only when no request is in flight (as SGLang). Returns success."""
@@ -508,6 +655,8 @@ class Engine:
 
     def _submit(self, groups: list[RequestGroup]) -> None:
         with self._lock:
+            if self._released:  # checked again here: memory may have been released since _make_groups
+                raise EngineError(f"memory is released ({sorted(self._released)}); resume it before generating")
             for g in groups:
                 if g.rid in self.scheduler.groups:
                     g.rid = f"{g.rid}-{next(self._rid_counter)}"  # a live rid is never shared
@@ -594,6 +743,7 @@ class Engine:
             await asyncio.sleep(0)
 
     def _commit_weights(self, staged, weight_version: str | None) -> None:
+        self._need_weights()  # released after the update was staged
         self.weights.commit(staged)
         self.model.pack_weights()
         if weight_version is not None:

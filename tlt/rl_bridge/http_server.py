@@ -5,8 +5,11 @@ Point a trainer's SGLang URL (verl, slime, AReaL) or an OpenAI client at it. End
 - generation: POST /generate (SGLang's `GenerateReqInput`; `stream` sends `data: {json}` events carrying
   everything generated so far, then `data: [DONE]`), /v1/completions, /v1/chat/completions, GET /v1/models
 - weights: /update_weights_from_disk, /update_weights_from_tensor (safetensors bytes, see tensor_codec),
-  /get_weights_by_name, /get_weight_version, /update_weight_version, /get_weights_checksum (tlt)
-- control: /pause_generation, /continue_generation, /abort_request, /flush_cache
+  /init_weights_update_group + /update_weights_from_distributed + /destroy_weights_update_group
+  (torch.distributed broadcast from the trainer, rank 0), /get_weights_by_name, /get_weight_version,
+  /update_weight_version, /get_weights_checksum (tlt)
+- control: /pause_generation, /continue_generation, /abort_request, /flush_cache,
+  /release_memory_occupation + /resume_memory_occupation (tags: kv_cache, weights)
 - status: /health, /health_generate, /get_model_info, /get_server_info (= /server_info), /get_load,
   /v1/loads, /metrics (Prometheus)
 
@@ -127,6 +130,62 @@ def create_app(engine: Engine, api_key: str | None = None, weight_roots: list[st
             lambda: engine.update_weights_from_tensor(named, weight_version=weight_version))
         return _weights_ok(message)
 
+    # Weights broadcast by the trainer (rank 0) over torch.distributed, SGLang's way. Joining and receiving
+    # wait for the trainer, so they run off the loop (see Engine.init_weights_update_group); a failure is
+    # SGLang's `{"success": false, "message"}` with status 400.
+    @app.post("/init_weights_update_group")
+    async def init_weights_update_group(request: Request):
+        req = schemas.parse(schemas.InitWeightsUpdateGroupReq, await request.body())
+        try:
+            _, message = await asyncio.to_thread(
+                engine.init_weights_update_group, req.master_address, req.master_port, req.rank_offset,
+                req.world_size, group_name=req.group_name, backend=req.backend)
+        except (ValueError, TypeError, OSError, RuntimeError) as e:
+            raise _weights_error(400, f"could not join the weight update group: {e}") from None
+        return JSONResponse({"success": True, "message": message})
+
+    @app.post("/update_weights_from_distributed")
+    async def update_weights_from_distributed(request: Request):
+        req = schemas.parse(schemas.UpdateWeightsFromDistributedReq, await request.body())
+        if req.abort_all_requests:
+            engine.abort_request(abort_all=True)
+        try:
+            _, message = await engine.async_update_weights_from_distributed(
+                req.names, req.dtypes, req.shapes, group_name=req.group_name, weight_version=req.weight_version,
+                load_format=req.load_format)
+        except (ValueError, TypeError, RuntimeError) as e:
+            raise _weights_error(400, f"weight update rejected, weights unchanged: {e}") from None
+        return _weights_ok(message)
+
+    @app.post("/destroy_weights_update_group")
+    async def destroy_weights_update_group(request: Request):
+        req = schemas.parse(schemas.DestroyWeightsUpdateGroupReq, await request.body(), allow_empty=True)
+        try:
+            _, message = engine.destroy_weights_update_group(req.group_name)
+        except (ValueError, RuntimeError) as e:
+            raise _weights_error(400, str(e)) from None
+        return JSONResponse({"success": True, "message": message})
+
+    # ------------------------------------------------------------------------------------------ memory
+    @app.api_route("/release_memory_occupation", methods=["GET", "POST"])
+    async def release_memory_occupation(request: Request):
+        """Free KV cache and/or weights (see Engine.release_memory_occupation); generating then gets 503."""
+        req = schemas.parse(schemas.MemoryOccupationReq, await request.body(), allow_empty=True)
+        try:
+            engine.release_memory_occupation(req.tags)
+        except ValueError as e:  # unknown tag, or requests in flight
+            raise ApiError(400, str(e)) from None
+        return JSONResponse({"success": True, "message": "memory released", "released": engine.released_memory})
+
+    @app.api_route("/resume_memory_occupation", methods=["GET", "POST"])
+    async def resume_memory_occupation(request: Request):
+        req = schemas.parse(schemas.MemoryOccupationReq, await request.body(), allow_empty=True)
+        try:
+            engine.resume_memory_occupation(req.tags)
+        except ValueError as e:
+            raise ApiError(400, str(e)) from None
+        return JSONResponse({"success": True, "message": "memory resumed", "released": engine.released_memory})
+
     # ------------------------------------------------------------------------------------------ drafter
     @app.post("/update_drafter")
     async def update_drafter(request: Request):
@@ -165,6 +224,8 @@ def create_app(engine: Engine, api_key: str | None = None, weight_roots: list[st
 
     @app.get("/get_weights_checksum")
     async def get_weights_checksum(request: Request):
+        if "weights" in engine.released_memory:
+            raise ApiError(503, "weights are released: resume_memory_occupation first")
         h = hashlib.sha256()
         for name, t in sorted(engine.weights.named_hf_tensors(), key=lambda x: x[0]):
             t = t.detach().to("cpu").contiguous()
@@ -450,6 +511,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     g.add_argument("--host", default="127.0.0.1",
                    help="address to bind; anything but loopback requires --api-key and --weight-roots")
     g.add_argument("--port", type=int, default=30000)
+    g.add_argument("--grpc-port", type=int, default=None,
+                   help="also serve the gRPC API (proto/tlt.proto) on this port, same --host, engine and API key")
     g.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on every endpoint but /health")
     g.add_argument("--weight-roots", nargs="+", default=None, metavar="DIR",
@@ -511,11 +574,26 @@ def serve(args: argparse.Namespace) -> int:
                      max_weights_request_bytes=args.max_weights_request_bytes,
                      served_model_name=args.served_model_name, server_args=shown)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                    timeout_graceful_shutdown=5, access_log=args.log_level == "debug")
+        config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                timeout_graceful_shutdown=5, access_log=args.log_level == "debug")
+        asyncio.run(_serve_http_and_grpc(uvicorn.Server(config), app.state.tlt, args))
     finally:
         engine.shutdown()
     return 0
+
+
+async def _serve_http_and_grpc(http, state: ServerState, args: argparse.Namespace) -> None:
+    """uvicorn, and the gRPC server with --grpc-port, on this thread's one event loop (see grpc_server.py)."""
+    grpc_server = None
+    if args.grpc_port is not None:
+        from tlt.rl_bridge.grpc_server import start_grpc_server
+
+        grpc_server = await start_grpc_server(state, args.host, args.grpc_port)
+    try:
+        await http.serve()
+    finally:
+        if grpc_server is not None:
+            await grpc_server.stop(grace=2)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -185,6 +185,43 @@ class UpdateWeightVersionReq(_Strict):
     abort_all_requests: bool = False
 
 
+class InitWeightsUpdateGroupReq(_Strict):
+    """POST /init_weights_update_group (SGLang `InitWeightsUpdateGroupReqInput`): the trainer is rank 0."""
+
+    master_address: str
+    master_port: int
+    rank_offset: int
+    world_size: int
+    group_name: str = "weight_update_group"
+    backend: str = "nccl"
+
+
+class UpdateWeightsFromDistributedReq(_Strict):
+    """POST /update_weights_from_distributed (SGLang `UpdateWeightsFromDistributedReqInput`)."""
+
+    names: list[str]
+    dtypes: list[str]  # "bfloat16" (slime strips "torch."); "torch.bfloat16" is accepted too
+    shapes: list[list[int]]
+    group_name: str = "weight_update_group"
+    abort_all_requests: bool = False
+    weight_version: str | None = None
+    load_format: str | None = None
+    # SGLang knobs that change nothing here (no prefix cache survives an update; memory is not pooled)
+    flush_cache: bool = True
+    torch_empty_cache: bool = False
+
+
+class DestroyWeightsUpdateGroupReq(_Strict):
+    group_name: str = "weight_update_group"
+
+
+class MemoryOccupationReq(_Strict):
+    """POST /release_memory_occupation, /resume_memory_occupation: `tags` among kv_cache, weights,
+    cuda_graph; null: kv_cache and weights."""
+
+    tags: list[str] | None = None
+
+
 # ---------------------------------------------------------------------------------------------- OpenAI
 _OPENAI_EMPTY_ONLY = frozenset({
     "logit_bias", "suffix", "regex", "json_schema", "ebnf", "structural_tag", "lora_path",
