@@ -73,7 +73,7 @@ class OracleDraft:
         self.worker, self.refs, self.steps, self.topk = worker, refs, steps, topk
         self.g = torch.Generator().manual_seed(seed)
 
-    def __call__(self, seqs, root_h, root_logp, cfg):
+    def __call__(self, seqs, root_h, root_logp, cfg, coupling=None):
         k = self.topk
         toks, pars, deps = [], [], []
         for s in seqs:
@@ -222,7 +222,7 @@ def test_unseeded_sampling_matches_target_distribution(small_vocab, cfg, warp):
     first = joint.sum(1).topk(topk).indices.tolist()
     second = [int(joint[a].argmax()) for a in first]
 
-    def fixed_tree(seqs, root_h, root_logp, _cfg):
+    def fixed_tree(seqs, root_h, root_logp, _cfg, coupling=None):
         rows = []
         for s in seqs:
             if len(s.output_ids) == 1:  # drafting the second token: a chain from the first
@@ -261,3 +261,57 @@ def test_unseeded_sampling_matches_target_distribution(small_vocab, cfg, warp):
     assert p > 0.01, p
 
 
+
+
+@pytest.mark.parametrize("cfg", [(2, 1, None), (2, 3, 7)], ids=["chain", "tree"])
+def test_coupled_drafting_matches_target_distribution(small_vocab, cfg):
+    """The real drafter, proposing by Gumbel-max with the round's own noise: the proposals now depend on
+    the noise that also draws the emitted tokens. Three tokens per sample (the first from prefill, then a
+    round that can accept): the joint of tokens 2 and 3 — where reaching depth 1 depends on the coupled
+    draft — must still be the target's."""
+    from scipy.stats import chisquare
+
+    model_dir, drafter = small_vocab
+    prompt = [3, 5, 7]
+    warp = {"temperature": 1.0}
+    first = _exact_joint(model_dir, prompt, warp)  # P(t1, t2)
+    joint = torch.zeros(16, 16, dtype=torch.float64)  # P(t2, t3) = sum over t1
+    for a in range(16):
+        if first[a].sum() > 0:
+            joint += first[a].sum() * _exact_joint(model_dir, prompt + [a], warp)
+    e = spec_engine(model_dir, drafter, *cfg, max_running_requests=1024)
+    counts = torch.zeros(16, 16, dtype=torch.float64)
+    for _ in range(20):
+        for o in e.generate(input_ids=prompt, sampling_params=dict(warp, max_new_tokens=3, ignore_eos=True,
+                                                                      n=1000)):
+            _, b, c = o["output_ids"]
+            counts[b, c] += 1
+    assert e.stats["spec_accepted_tokens"] > 2000  # coupling makes a random 16-token drafter often right
+    e.shutdown()
+    obs, exp = counts.flatten(), joint.flatten() * counts.sum()
+    rare = exp < 5
+    if rare.any():
+        obs = torch.cat([obs[~rare], obs[rare].sum().view(1)])
+        exp = torch.cat([exp[~rare], exp[rare].sum().view(1)])
+    assert chisquare(obs.numpy(), (exp * obs.sum() / exp.sum()).numpy()).pvalue > 0.01
+
+
+@pytest.mark.parametrize("seeded", [False, True], ids=["fresh-noise", "sampling_seed"])
+def test_coupling_accepts_everything_when_drafter_equals_target(target_dir, drafter_dir, tmp_path, seeded):
+    """Target and drafter both uniform over the whole vocabulary (zero final norms, identity d2t): at T=1 a
+    drafter that proposes its own argmax would match 1 time in V; the coupled one matches every time."""
+    e = spec_engine(target_dir, drafter_dir, 3, 1, None)
+    V = e.model_config.vocab_size
+    norm = e.get_weights_by_name("model.norm.weight")
+    e.update_weights_from_tensor([("model.norm.weight", torch.zeros_like(norm))])
+    d = EagleDrafter.random(e.model_config, seed=4)  # draft vocabulary = the whole vocabulary, d2t = identity
+    assert d.cfg.draft_vocab_size == V
+    with torch.no_grad():
+        d.norm.weight.zero_()
+    e.update_drafter(d, version="uniform")
+    sp = {"temperature": 1.0, "max_new_tokens": 31, "ignore_eos": True, **({"sampling_seed": 9} if seeded else {})}
+    out = e.generate(input_ids=PROMPTS[0], sampling_params=sp)
+    m = out["meta_info"]
+    assert m["spec_accept_token_num"] == 3 * m["spec_verify_ct"], m["spec_accept_histogram"]
+    assert len(set(out["output_ids"])) > 20  # and the tokens are random, not a constant
+    e.shutdown()

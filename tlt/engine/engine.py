@@ -41,10 +41,17 @@ from tlt.engine.models.weights import (
 )
 from tlt.engine.request import RequestGroup, SeqStatus, Sequence
 from tlt.engine.runner import ModelRunner
-from tlt.engine.sampling import apply_penalties, build_sampling_batch, sample, seeded_gumbel_rows
+from tlt.engine.sampling import (
+    apply_penalties,
+    build_sampling_batch,
+    gumbel_from_uniform,
+    sample,
+    seeded_gumbel_rows,
+)
 from tlt.engine.sampling_params import SamplingParams, SamplingParamsError
 from tlt.engine.scheduler import Scheduler
 from tlt.engine.spec.selector import arm_name
+from tlt.engine.spec.worker import Coupling
 
 logger = logging.getLogger("tlt.engine")
 
@@ -876,9 +883,16 @@ class Engine:
             self._sample_and_append(seqs, self.runner.logits(hidden[:, 0]), aux=aux, hidden=hidden)
         else:  # see spec/worker.py: catch-up, draft, verify; the walk over the tree is in _sample_and_append
             root_h, root_logp = self.spec.catch_up(seqs)
-            tree = self.spec.draft(seqs, root_h, root_logp, arm)
+            noise = self._round_noise(seqs, arm.num_steps + 1)
+            coupling = None
+            if noise is not None:
+                rows, g = noise
+                temp = torch.tensor([seqs[r].params.temperature for r in rows.tolist()], device=self.device)
+                coupling = Coupling(rows, g[:, :, self.spec.drafter.d2t], 1.0 / temp)
+            tree = self.spec.draft(seqs, root_h, root_logp, arm, coupling)
             hidden, aux = self.spec.verify(seqs, tree)
-            self._sample_and_append(seqs, self.runner.logits(hidden), tree=tree, aux=aux, hidden=hidden)
+            self._sample_and_append(seqs, self.runner.logits(hidden), tree=tree, aux=aux, hidden=hidden,
+                                    noise=noise)
         self.stats["num_decode_steps"] += 1
         dt = time.perf_counter() - t0
         emitted = self.stats["generated_tokens"] - before
@@ -890,6 +904,26 @@ class Engine:
             if self.selector is not None and self._spec_mode == "adaptive":  # it learns from its own picks
                 self.selector.update(B, arm, emitted, dt)
         self._rounds.append((t0 - self._t_origin, arm_name(arm), B, emitted, dt))
+
+    def _round_noise(self, seqs: list[Sequence], depths: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Gumbel noise [R, depths, V] for the rows that sample, drawn before a speculative round so that the
+        drafter can couple its proposals to it (spec/worker.py `Coupling`): `sampling_seed` rows get their
+        seeded noise (the same as plain decoding would use), the others fresh noise."""
+        rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
+        if not rows:
+            return None
+        V = self.model_config.vocab_size
+        noise = torch.empty((len(rows), depths, V), device=self.device)
+        seeded = [j for j, i in enumerate(rows) if seqs[i].params.sampling_seed is not None]
+        fresh = [j for j, i in enumerate(rows) if seqs[i].params.sampling_seed is None]
+        if seeded:
+            keys = [(seqs[rows[j]].params.sampling_seed, seqs[rows[j]].sample_index,
+                     len(seqs[rows[j]].output_ids) + d) for j in seeded for d in range(depths)]
+            noise[seeded] = seeded_gumbel_rows(keys, V, self.device).view(len(seeded), depths, V)
+        if fresh:
+            u = torch.rand((len(fresh), depths, V), generator=self.generator, dtype=torch.float64)
+            noise[fresh] = gumbel_from_uniform(u).to(self.device)
+        return torch.tensor(rows, device=self.device), noise
 
     def _choose_arm(self, batch_size: int):
         """The fixed arm, or the selector's pick among the arms that fit this batch (None: plain)."""
@@ -925,13 +959,14 @@ class Engine:
     # into the logits in place, which torch refuses outside inference mode.
     @torch.inference_mode()
     def _sample_and_append(self, seqs: list[Sequence], logits: torch.Tensor, tree=None, aux=None,
-                           hidden=None) -> None:
+                           hidden=None, noise=None) -> None:
         """Emit tokens from the target's logits and apply stop rules.
 
         logits [B, V]: one token per sequence. logits [B, N, V] with a draft `tree`: walk the tree (see
         spec/worker.py) and emit every token the target itself would have produced. `aux` [B, N, 3H] and
         `hidden` [B, N, H]: the target's states at the nodes; those on the accepted path are queued for
-        the drafter's catch-up and kept as drafter data.
+        the drafter's catch-up and kept as drafter data. `noise` = (rows [R], Gumbel [R, D, V]): the rows
+        that sample draw by Gumbel-max with this noise at each depth (a speculative round's coupled noise).
         """
         if logits.dim() == 2:
             logits = logits.unsqueeze(1)
@@ -963,13 +998,18 @@ class Engine:
         depth_list = depth.tolist()
         for i, s in enumerate(seqs):
             p = s.params
-            if p.sampling_seed is not None and not p.greedy:
+            if p.sampling_seed is not None and not p.greedy and noise is None:
                 for j in range(N):
                     key = (p.sampling_seed, s.sample_index, len(s.output_ids) + depth_list[i][j])
                     g_rows.append(i * N + j)
                     g_keys.append(keys.setdefault(key, len(keys)))
         gumbel = None
-        if g_rows:
+        if noise is not None:  # node j of row b uses its depth's noise
+            rows, g = noise
+            d = depth[rows]  # [R, N]
+            gumbel = ((rows.view(-1, 1) * N + torch.arange(N, device=dev)).reshape(-1),
+                      g[torch.arange(len(rows), device=dev).view(-1, 1), d].reshape(-1, V))
+        elif g_rows:
             noise = seeded_gumbel_rows(list(keys), V, dev)
             gumbel = (torch.tensor(g_rows, device=dev), noise if len(keys) == len(g_rows) else noise[g_keys])
         want_lp = [b for b, s in enumerate(seqs) if s.group.return_logprob]

@@ -42,18 +42,26 @@ def seeded_gumbel_rows(keys: list[tuple[int, int, int]], vocab_size: int, device
     """`seeded_gumbel` for many (seed, sample index, position) keys at once -> [len(keys), vocab].
 
     Seeded rollouts pay this for every row and position (256 rows x 49k tokens per decode step), so it is
-    built for speed: numpy's PCG64 draws the 53-bit uniforms (about 2x torch's CPU generator), then
-    G = -log(E) with E = -log1p(-u) ~ Exp(1), in float32 over the whole batch. float32 is exact enough
-    where it matters: the top of the Gumbel tail comes from small u, where float32 keeps full relative
-    precision; u is clamped below 1 so that no token's score becomes -inf.
+    built for speed: numpy's PCG64 draws the 53-bit uniforms (about 2x torch's CPU generator), then one
+    float32 transform over the whole batch (`gumbel_from_uniform`).
     """
     u = np.empty((len(keys), vocab_size), dtype=np.float64)
     for i, (seed, index, pos) in enumerate(keys):
         h = _splitmix64(_splitmix64(_splitmix64(seed & _MASK64) ^ (index & _MASK64)) ^ (pos & _MASK64))
         np.random.Generator(np.random.PCG64(h)).random(out=u[i])
-    x = torch.from_numpy(u).float().clamp_(max=1.0 - 2.0**-24)
+    return gumbel_from_uniform(torch.from_numpy(u)).to(device)
+
+
+def gumbel_from_uniform(u: torch.Tensor) -> torch.Tensor:
+    """Standard Gumbel noise (float32) from float64 uniforms in [0, 1): G = -log(E), E = -log1p(-u) ~ Exp(1).
+
+    The uniforms must have 53-bit resolution near 0: the top of the Gumbel tail (what wins an argmax) comes
+    from the smallest u, and 24-bit float32 uniforms would quantise it. The arithmetic is float32, which
+    keeps full relative precision there; u is clamped below 1 so that no token's score becomes -inf.
+    """
+    x = u.float().clamp_(max=1.0 - 2.0**-24)
     e = x.neg_().log1p_().neg_().clamp_(min=1e-38)  # u = 0 gives E = 0: clamped, not an infinite score
-    return e.log_().neg_().to(device)
+    return e.log_().neg_()
 
 
 @dataclass

@@ -37,6 +37,36 @@ class SpecConfig:
         return max(self.num_draft_tokens, (self.num_steps - 1) * self.topk) + 2
 
 
+@dataclass
+class Coupling:
+    """Gumbel coupling of draft proposals to the target's samples (for rows that sample).
+
+    The engine samples every sampled row of a speculative round by Gumbel-max: the token emitted at depth
+    d is argmax(target log-probs / T + g_d), with g_d drawn before the round (a pure function of the seed
+    and position for `sampling_seed` rows, fresh otherwise). Proposing argmax(draft log-probs / T + g_d)
+    at the same depth makes the draft equal the target's sample whenever the two distributions are close —
+    unlike proposing the draft's argmax, which matches only as often as the target's sample happens to be
+    its mode (rare at T = 1). Exactness is untouched: each emitted token is still the target's own
+    Gumbel-max draw with noise used for nothing else that is emitted, and whether the walk reaches depth d
+    depends only on the noise of depths < d.
+    """
+
+    rows: torch.Tensor  # [R] batch rows that sample
+    noise: torch.Tensor  # [R, D, Vd] Gumbel noise per depth, restricted to the draft vocabulary
+    inv_temp: torch.Tensor  # [R] 1 / temperature
+
+    def perturb(self, logp: torch.Tensor, depth: int) -> torch.Tensor:
+        """Draft log-probs [B, Vd] or [B, k, Vd] -> the same, sampled rows replaced by their perturbed
+        log-softmax (a distribution peaked on the coupled proposal, so tree ranking still works)."""
+        out = logp.clone()
+        g = self.noise[:, depth]
+        if logp.dim() == 3:
+            g = g.unsqueeze(1)
+        scale = self.inv_temp.view(-1, *([1] * (logp.dim() - 1)))
+        out[self.rows] = torch.log_softmax(logp[self.rows] * scale + g, dim=-1)
+        return out
+
+
 class SpecWorker:
     """Drafting and verification around the target runner; sampling stays with the engine."""
 
@@ -90,11 +120,17 @@ class SpecWorker:
 
     # ------------------------------------------------------------------ draft
     @torch.inference_mode()
-    def draft(self, seqs, root_h: torch.Tensor, root_logp: torch.Tensor, cfg: SpecConfig) -> DraftTree:
-        """EAGLE-2 expansion: each step expands the `topk` best frontier nodes into `topk` children each."""
+    def draft(self, seqs, root_h: torch.Tensor, root_logp: torch.Tensor, cfg: SpecConfig,
+              coupling: Coupling | None = None) -> DraftTree:
+        """EAGLE-2 expansion: each step expands the `topk` best frontier nodes into `topk` children each.
+
+        With `coupling`, sampled rows propose by Gumbel-max with the very noise the target will sample
+        with at that depth (see `Coupling`)."""
         B, k, dev = len(seqs), cfg.topk, self.device
         d2t = self.drafter.d2t
         base = torch.tensor([s.draft_len for s in seqs], device=dev)  # drafter position of depth-1 nodes
+        if coupling is not None:
+            root_logp = coupling.perturb(root_logp, 0)
         top_lp, top_id = root_logp.topk(k, dim=-1)  # [B, k]
         cand_tok, cand_score = [top_id], [top_lp]
         cand_parent = [torch.full((B, k), -1, dtype=torch.int64, device=dev)]
@@ -121,6 +157,8 @@ class SpecWorker:
             mask = ((key < base.view(B, 1, 1)) | tree).unsqueeze(1)
             h, logits = self._drafter_forward(tokens, front_h, positions, slots, mask, kv_len)
             logp = torch.log_softmax(logits, dim=-1)  # [B, k, Vd]
+            if coupling is not None:  # children of depth step-1 nodes: the target samples them with noise step-1
+                logp = coupling.perturb(logp, step - 1)
             c_lp, c_id = logp.topk(k, dim=-1)  # [B, k, k]
             parent_score = torch.cat(cand_score, 1).gather(1, frontier)  # [B, k]
             score = (parent_score.unsqueeze(-1) + c_lp).reshape(B, k * k)
