@@ -15,7 +15,8 @@ Then, once the server has drained, it checks that nothing was lost or duplicated
 - server counters: finished + aborted requests grew by exactly the requests sent, /generate answered 200
   exactly that often, finished >= completed and aborted >= aborted (the difference is a disconnect or an
   abort that lost the race with the last token);
-- KV memory in use is back to its idle level, with nothing running or waiting.
+- KV memory in use is back to its idle level, with nothing running or waiting, and /flush_cache (which
+  refuses while a request is in flight) gives the pool's memory back.
 Any breach is listed under "violations" in the JSON (and the exit status is 1).
 """
 
@@ -197,6 +198,10 @@ def run_load(url: str, cfg: LoadConfig) -> dict:
         before = _server_state(http)
         records, wall = asyncio.run(_drive(url, cfg))
         after = _drain(http, before, len(records))
+        # The KV pool keeps its high-water allocation; /flush_cache (refused while anything is in flight)
+        # gives it back, which shows the memory itself is free, not only the counters.
+        flushed = http.post("/flush_cache").status_code == 200
+        allocated_after_flush = _server_state(http)["kv_allocated_bytes"]
 
     by = {k: [r for r in records if r.outcome == k] for k in ("completed", "aborted", "disconnected", "error", "lost")}
     d = {k: after[k] - before[k] for k in ("finished", "aborted", "generate_200", "generated_tokens")}
@@ -212,6 +217,8 @@ def run_load(url: str, cfg: LoadConfig) -> dict:
     if after["kv_used_tokens"] != before["kv_used_tokens"] or after["running"] or after["waiting"]:
         violations.append(f"after the load: kv_used_tokens {after['kv_used_tokens']} (idle "
                           f"{before['kv_used_tokens']}), running {after['running']}, waiting {after['waiting']}")
+    if not flushed:
+        violations.append("/flush_cache refused after the load: the server still holds a request")
     lat = [r.latency for r in by["completed"]]
     ttft = [r.ttft for r in records if r.ttft is not None]
     return {
@@ -238,6 +245,7 @@ def run_load(url: str, cfg: LoadConfig) -> dict:
         "kv_used_tokens_after": after["kv_used_tokens"],
         "kv_allocated_bytes_before": before["kv_allocated_bytes"],
         "kv_allocated_bytes_after": after["kv_allocated_bytes"],
+        "kv_allocated_bytes_after_flush": allocated_after_flush,
         "violations": violations,
     }
 

@@ -32,3 +32,4 @@ def test_short_load_loses_and_duplicates_nothing(server):
     assert report["requests"] == report["completed"] + report["aborted"] + report["disconnected"]
     assert report["disconnects_aborted_by_server"] >= report["disconnected"] // 2  # a leaving client stops its work
     assert report["kv_used_tokens_after"] == report["kv_used_tokens_before"] == 0
+    assert report["kv_allocated_bytes_after_flush"] == 0
