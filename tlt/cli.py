@@ -127,6 +127,8 @@ def cmd_bench(args, rest: list[str]) -> None:
         from benchmarks.spec_decoding import main as bench_main
     elif args.which == "adaptive":
         from benchmarks.adaptive_rollout import main as bench_main
+    elif args.which == "drafter-drift":
+        from benchmarks.drafter_drift import main as bench_main
     else:
         raise SystemExit(f"unknown benchmark {args.which!r}")
     bench_main(rest)
@@ -154,8 +156,8 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--seed", type=int, default=None, help="sampling_seed (reproducible sampling)")
     d = sub.add_parser("demo", help="the main job (make run)")
     d.add_argument("--max-new-tokens", type=int, default=96)
-    b = sub.add_parser("bench", help="benchmarks: engine | spec | adaptive", add_help=False)
-    b.add_argument("which", choices=["engine", "spec", "adaptive"])
+    b = sub.add_parser("bench", help="benchmarks: engine | spec | adaptive | drafter-drift", add_help=False)
+    b.add_argument("which", choices=["engine", "spec", "adaptive", "drafter-drift"])
     sub.add_parser("serve", help="SGLang-compatible HTTP server (see tlt serve --help)", add_help=False)
     t = sub.add_parser("train-drafter", help="train an EAGLE-style drafter on the engine's own outputs")
     _engine_args(t)
