@@ -3,11 +3,11 @@
     python -m benchmarks.adaptive_rollout --json benchmarks/results/adaptive_rollout.json
     tlt bench adaptive --json benchmarks/results/adaptive_rollout.json [--drafter DIR]
 
-The workload is an RL rollout step: `--prompts` chat prompts x `--n` samples at temperature `--temperature`,
-every sample its own `sampling_seed`, all submitted at once. Each sample's `max_new_tokens` is drawn from a
-Pareto distribution (`--min-tokens`, `--alpha`, capped at `--max-tokens`) by a fixed seed, and EOS ends a
-sample earlier as usual: most answers are short, a few are long, and the batch shrinks from hundreds of
-sequences to a tail of a few — where the hardware idles.
+The workload is an RL rollout step: `--prompts` prompts (`--task`, see `task_prompts`) x `--n` samples at
+temperature `--temperature`, every sample its own `sampling_seed`, all submitted at once. Each sample's
+`max_new_tokens` is drawn from a Pareto distribution (`--min-tokens`, `--alpha`, capped at `--max-tokens`)
+by a fixed seed, and EOS ends a sample earlier as usual: most answers are short, a few are long, and the
+batch shrinks from hundreds of sequences to a tail of a few — where the hardware idles.
 
 One engine (one model load, one drafter) serves every run: `set_speculation` fixes the arm for the static
 runs ('off' and each of `--arms`); the adaptive run lets the bandit choose among the same arms and plain
@@ -37,6 +37,19 @@ def heavy_tail_lengths(count: int, lo: int, alpha: float, hi: int, seed: int) ->
 
     rng = random.Random(seed)
     return [min(int(lo * (1.0 - rng.random()) ** (-1.0 / alpha)), hi) for _ in range(count)]
+
+
+def task_prompts(tokenizer, kind: str, count: int, seed: int) -> list[list[int]]:
+    """'chat': the benchmark's chat prompts; 'arithmetic': word problems from the family the drafter was
+    trained on (tlt.drafter_sync.prompts), with a seed of their own so no instance was seen in training —
+    the RL situation, where the drafter learns the task's rollouts."""
+    if kind == "chat":
+        return chat_prompts(tokenizer, count)
+    from tlt.drafter_sync.prompts import arithmetic_prompts
+
+    return [tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                                           add_generation_prompt=True))
+            for q in arithmetic_prompts(count, 10_000 + seed)]
 
 
 def _requests(prompts, n: int, temperature: float, lengths: list[int], seed: int):
@@ -98,8 +111,8 @@ def _accept_len(outs) -> float | None:
     return 1 + acc / ver if ver else None
 
 
-def bench(model_path, drafter: str, arms: list[str], prompts: int, n: int, temperature: float, min_tokens: int,
-          alpha: float, max_tokens: int, tail: int, dtype: str, seed: int, epsilon: float, policy: str,
+def bench(model_path, drafter: str, arms: list[str], kind: str, prompts: int, n: int, temperature: float,
+          min_tokens: int, alpha: float, max_tokens: int, tail: int, dtype: str, seed: int, epsilon: float, policy: str,
           threads: int | None, log=print) -> dict:
     import torch
 
@@ -110,10 +123,10 @@ def bench(model_path, drafter: str, arms: list[str], prompts: int, n: int, tempe
     engine = tlt.Engine(model_path, dtype=dtype, random_seed=seed, speculative_draft_model_path=drafter,
                         speculative_adaptive=True, speculative_arms=arms, speculative_epsilon=epsilon,
                         speculative_selector=policy, max_running_requests=max(prompts * n, 1))
-    ps = chat_prompts(engine.tokenizer, prompts)
+    ps = task_prompts(engine.tokenizer, kind, prompts, seed)
     lengths = heavy_tail_lengths(prompts * n, min_tokens, alpha, max_tokens, seed)
     ids, sps = _requests(ps, n, temperature, lengths, seed)
-    log(f"workload: {prompts} prompts x n={n}, T={temperature}, max_new_tokens Pareto(alpha={alpha}) "
+    log(f"workload: {prompts} {kind} prompts x n={n}, T={temperature}, max_new_tokens Pareto(alpha={alpha}) "
         f"from {min_tokens}, cap {max_tokens}: mean {sum(lengths) / len(lengths):.0f}, max {max(lengths)}")
     engine.set_speculation("off")  # warm-up (first-call costs), without teaching the bandit anything
     engine.generate(input_ids=ps[:4], sampling_params={"max_new_tokens": 8})
@@ -134,7 +147,7 @@ def bench(model_path, drafter: str, arms: list[str], prompts: int, n: int, tempe
     ad, off = by["adaptive"], by["off"]
     res = {
         "benchmark": "adaptive_rollout", "machine": machine(), "dtype": dtype, "drafter": drafter,
-        "workload": {"prompts": prompts, "n": n, "temperature": temperature, "min_tokens": min_tokens,
+        "workload": {"kind": kind, "prompts": prompts, "n": n, "temperature": temperature, "min_tokens": min_tokens,
                      "alpha": alpha, "max_tokens": max_tokens, "tail_threshold": tail, "seed": seed,
                      "policy": policy, "epsilon": epsilon, "arms": arms},
         "speedup_total": off["total_s"] / ad["total_s"],
@@ -180,6 +193,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-path", default=None)
     p.add_argument("--drafter", default="benchmarks/drafters/smollm2", help="drafter folder (tlt train-drafter)")
     p.add_argument("--arms", default=DEFAULT_ARMS, help="comma-separated static arms, e.g. s3k1n4,s4k2n8")
+    p.add_argument("--task", default="arithmetic", choices=["arithmetic", "chat"], help="see task_prompts")
     p.add_argument("--prompts", type=int, default=64)
     p.add_argument("--n", type=int, default=4)
     p.add_argument("--temperature", type=float, default=1.0)
@@ -202,8 +216,9 @@ def main(argv=None) -> None:
         raise SystemExit(f"no drafter at {args.drafter}: train one with `tlt train-drafter --out {args.drafter}`")
     t = time.perf_counter()
     res = bench(args.model_path, args.drafter, [a.strip() for a in args.arms.split(",") if a.strip()],
-                args.prompts, args.n, args.temperature, args.min_tokens, args.alpha, args.max_tokens, args.tail,
-                args.dtype, args.seed, args.epsilon, args.policy, args.threads, log=lambda m: print(m, flush=True))
+                args.task, args.prompts, args.n, args.temperature, args.min_tokens, args.alpha, args.max_tokens,
+                args.tail, args.dtype, args.seed, args.epsilon, args.policy, args.threads,
+                log=lambda m: print(m, flush=True))
     res["bench_s"] = time.perf_counter() - t
     if args.json:
         res["plot"] = os.path.splitext(args.json)[0] + ".png"

@@ -24,49 +24,59 @@ def test_buckets():
     assert [bucket_of(b) for b in (1, 2, 3, 4, 5, 8, 9, 64, 65)] == [1, 2, 4, 4, 8, 8, 16, 64, 128]
 
 
-def _play(sel, goodput, batch_sizes, rounds):
-    """Feed the selector rewards from a fixed goodput table {(bucket, arm_name): tok/s}; count choices."""
+# Physics of the simulated engine: round time depends on the batch bucket and the arm; an arm's yield
+# (tokens per sequence per round) does not depend on the batch and is random from round to round.
+TIME = {(1, "off"): 0.030, (1, "s3k1n4"): 0.040, (1, "s4k2n8"): 0.060,
+        (64, "off"): 0.080, (64, "s3k1n4"): 0.250, (64, "s4k2n8"): 0.500}
+YIELDS = {"off": [1], "s3k1n4": [1, 1, 2, 3, 3], "s4k2n8": [1, 2, 2, 3, 3]}  # means 1, 2.0, 2.2
+
+
+def _play(sel, batch_sizes, rounds, rng):
+    """Run the selector against the simulated engine; count its choices."""
     picks: dict[str, int] = {}
     for i in range(rounds):
         bs = batch_sizes[i % len(batch_sizes)]
         arm = sel.choose(bs)
-        picks[arm_name(arm)] = picks.get(arm_name(arm), 0) + 1
-        sel.update(bs, arm, tokens=int(goodput[(bucket_of(bs), arm_name(arm))]), seconds=1.0)
+        name = arm_name(arm)
+        picks[name] = picks.get(name, 0) + 1
+        tokens = sum(rng.choice(YIELDS[name]) for _ in range(bs))
+        sel.update(bs, arm, tokens, TIME[(bucket_of(bs), name)] * rng.uniform(0.9, 1.1))
     return picks
 
 
 @pytest.mark.parametrize("policy", ["epsilon_greedy", "ucb"])
 def test_learns_speculation_at_small_batch_and_plain_at_large(policy):
-    # Speculation doubles goodput at batch 1, halves it at batch 64 (the shape the engine sees).
-    table = {(1, "off"): 30, (1, "s3k1n4"): 60, (1, "s4k2n8"): 45,
-             (64, "off"): 800, (64, "s3k1n4"): 400, (64, "s4k2n8"): 300}
+    # Goodput at batch 1: off 33, chain 50, tree 37 tok/s; at batch 64: off 800, chain 512, tree 282.
+    import random
+
     sel = ArmSelector([CHAIN, TREE], SelectorConfig(policy=policy, epsilon=0.05), seed=0)
-    small = _play(sel, table, [1], 200)
-    large = _play(sel, table, [64], 200)
-    assert small["s3k1n4"] > 150, small
-    assert large["off"] > 150, large
-    assert arm_name(sel.choose(1)) in ("s3k1n4", "s4k2n8", "off")
+    rng = random.Random(0)
+    small = _play(sel, [1], 300, rng)
+    large = _play(sel, [64], 300, rng)
+    assert small["s3k1n4"] > 240, small
+    assert large["off"] > 240, large
 
 
 def test_outliers_do_not_flip_the_choice():
     sel = ArmSelector([CHAIN], SelectorConfig(epsilon=0.0, window=9))
     for _ in range(9):
-        sel.update(1, None, 30, 1.0)
-        sel.update(1, CHAIN, 50, 1.0)
-    for _ in range(4):  # four very slow chain rounds among nine: the mean (28) would pick plain decoding
-        sel.update(1, CHAIN, 1, 1.0)
+        sel.update(1, None, 1, 0.030)
+        sel.update(1, CHAIN, 2, 0.040)
+    for _ in range(4):  # four very slow chain rounds among nine: a mean time (0.29 s) would pick plain
+        sel.update(1, CHAIN, 2, 0.6)
     assert sel.choose(1) == CHAIN
 
 
-def test_neighbour_bucket_gain_is_borrowed():
+def test_yield_is_pooled_over_buckets_and_round_time_borrowed_from_a_neighbour():
     sel = ArmSelector([CHAIN], SelectorConfig(epsilon=0.0))
     for _ in range(2):
-        sel.update(4, None, 100, 1.0)
-        sel.update(4, CHAIN, 150, 1.0)  # 1.5x at bucket 4
-        sel.update(8, None, 180, 1.0)  # only plain decoding measured at bucket 8
-    assert sel.estimate(8, CHAIN) == pytest.approx(270)  # 180 x 1.5: the gain carries over
+        sel.update(4, None, 4, 1.0)
+        sel.update(4, CHAIN, 8, 1.2)  # yield 2 tokens per sequence, round 1.2x a plain one
+        sel.update(8, None, 8, 1.5)  # only plain decoding timed at bucket 8
+    assert sel.estimate(8, None) == pytest.approx(8 / 1.5)
+    assert sel.estimate(8, CHAIN) == pytest.approx(8 * 2 / 1.8)  # time 1.5 x 1.2: the ratio carries over
     assert sel.choose(8) == CHAIN  # no exploration from scratch
-    assert sel.estimate(1, None) == pytest.approx(25)  # nothing at bucket 1: scaled by batch size
+    assert sel.estimate(1, None) == pytest.approx(1 / 1.0)  # nothing at bucket 1: the nearest round time
 
 
 def test_unknown_arms_are_explored_first_and_disallowed_arms_never():
@@ -75,21 +85,35 @@ def test_unknown_arms_are_explored_first_and_disallowed_arms_never():
     for _ in range(6):
         arm = sel.choose(2, allowed=lambda a: a.num_draft_tokens <= 4)
         seen.add(arm_name(arm))
-        sel.update(2, arm, 10, 1.0)
+        sel.update(2, arm, 2, 1.0)
     assert seen == {"off", "s3k1n4"}
 
 
-def test_discount_lets_fresh_rewards_win_fast():
+def test_discount_lets_fresh_yields_win_fast():
     sel = ArmSelector([CHAIN], SelectorConfig(epsilon=0.0, window=16))
     for _ in range(16):
-        sel.update(1, None, 30, 1.0)
-        sel.update(1, CHAIN, 60, 1.0)
+        sel.update(1, None, 1, 0.030)
+        sel.update(1, CHAIN, 3, 0.040)
     assert sel.choose(1) == CHAIN
-    sel.discount_speculation(0.05)  # e.g. a new policy: the old chain rewards count 5%
-    sel.update(1, CHAIN, 20, 1.0)  # the chain is now slower than plain decoding
-    sel.update(1, CHAIN, 20, 1.0)
+    sel.discount_speculation(0.01)  # e.g. a new policy: the drafter's old yields count 1%
+    sel.update(1, CHAIN, 1, 0.040)  # the chain now accepts nothing: slower than plain decoding
+    sel.update(1, CHAIN, 1, 0.040)
     assert sel.choose(1) is None
-    assert sel.estimate(1, None) == 30  # plain decoding's knowledge is kept
+    assert sel.estimate(1, None) == pytest.approx(1 / 0.030)  # plain decoding's knowledge is kept
+
+
+def test_a_close_borrowed_arm_is_checked_locally_a_poor_one_is_not():
+    sel = ArmSelector([CHAIN, TREE], SelectorConfig(epsilon=0.0, verify_ratio=0.7))
+    for _ in range(2):
+        sel.update(8, None, 8, 1.0)
+        sel.update(8, CHAIN, 16, 2.5)  # 0.8x plain at batch 8: close
+        sel.update(8, TREE, 16, 5.0)  # 0.4x: poor
+        sel.update(1, None, 1, 0.8)
+    assert sel.choose(1) == CHAIN  # borrowed 0.8x plain: worth checking at batch 1
+    for _ in range(2):
+        sel.update(1, CHAIN, 2, 1.0)  # and at batch 1 a chain round costs only 1.25x a plain one
+    assert sel.choose(1) == CHAIN
+    assert sel.count(1, TREE) == 0  # never tried here: too poor
 
 
 def test_config_validation():

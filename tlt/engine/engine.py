@@ -876,13 +876,18 @@ class Engine:
         arm = self._choose_arm(B)
         t0 = time.perf_counter()
         before = self.stats["generated_tokens"]
+        backlog_s = 0.0  # drafter catch-up of tokens from earlier plain rounds: a switching cost
         if arm is None:
             hidden, captured = self.runner.decode([s.output_ids[-1] for s in seqs], [s.total_len - 1 for s in seqs],
                                                   self._aux_layers)
             aux = torch.cat(captured, dim=-1) if captured else None
             self._sample_and_append(seqs, self.runner.logits(hidden[:, 0]), aux=aux, hidden=hidden)
         else:  # see spec/worker.py: catch-up, draft, verify; the walk over the tree is in _sample_and_append
+            pending = max(len(s.pending_tokens) for s in seqs)
+            t_cu = time.perf_counter()
             root_h, root_logp = self.spec.catch_up(seqs)
+            if pending > arm.num_steps + 1:  # more than one round leaves behind
+                backlog_s = (time.perf_counter() - t_cu) * (1 - (arm.num_steps + 1) / pending)
             noise = self._round_noise(seqs, arm.num_steps + 1)
             coupling = None
             if noise is not None:
@@ -902,7 +907,9 @@ class Engine:
                              ("spec_seconds_by_arm", dt)):
                 self.stats[key][name] = self.stats[key].get(name, 0) + val
             if self.selector is not None and self._spec_mode == "adaptive":  # it learns from its own picks
-                self.selector.update(B, arm, emitted, dt)
+                # The backlog is paid once per switch to speculation, not per round: charging it to the
+                # round would make every first speculative round after plain ones look slow.
+                self.selector.update(B, arm, emitted, dt - backlog_s)
         self._rounds.append((t0 - self._t_origin, arm_name(arm), B, emitted, dt))
 
     def _round_noise(self, seqs: list[Sequence], depths: int) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -8,15 +8,16 @@ bottleneck). Where the crossover lies depends on the hardware, the batch, and ho
 - An **arm** is a `SpecConfig` (draft depth, branching, tokens verified) or `None` (plain decoding).
   Every arm is exact, so exploring never costs losslessness, only time.
 - The **reward** is goodput: tokens emitted per second over the whole round — catch-up, draft, verify,
-  sampling — so speculation is charged its full cost.
-- Estimates live per **batch-size bucket** (powers of two) as the median of a window of recent rewards,
-  robust to the odd slow round (a page fault, a new tensor shape, a noisy neighbour).
-- **Neighbouring buckets share knowledge**: an arm not yet measured in a bucket is estimated from the
-  nearest bucket where it was, as a gain relative to plain decoding there (gains transfer across batch
-  sizes far better than absolute tokens/s). A rarely seen batch size is thus not explored from scratch.
-- A **new drafter or new policy weights** make what was learned about speculative arms partly stale: the
-  weight of their past rewards is multiplied by a discount (plain decoding's are kept; its speed depends
-  on neither), so fresh rounds soon outweigh them, while a policy that moved little keeps its knowledge.
+  sampling — so speculation is charged its full cost. It is learned as two factors (see `ArmSelector`):
+  an arm's *yield* (tokens per sequence per round: noisy, but the same at every batch size, so pooled
+  over all rounds of the arm) and its *round time* per **batch-size bucket** (powers of two; steady, kept
+  as the median of a window, robust to the odd slow round).
+- **Neighbouring buckets share knowledge**: an arm not yet timed in a bucket gets its round time from the
+  nearest bucket where it was, as a ratio to plain decoding's there. A rarely seen batch size is thus
+  not explored from scratch; a borrowed estimate close to the best is checked locally.
+- A **new drafter or new policy weights** make what was learned about speculative arms' yields partly
+  stale: their weight is multiplied by a discount (round times are kept; they depend on neither), so
+  fresh rounds soon outweigh them, while a policy that moved little keeps its knowledge.
   A collapse of acceptance is not left to the bandit: the engine suspends speculation itself.
 - Policies: epsilon-greedy (TLT's choice; the default) and UCB1 over rewards normalised per bucket.
 """
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import math
 import random
+import statistics
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -75,8 +77,12 @@ class SelectorConfig:
     policy: str = "epsilon_greedy"  # or "ucb"
     epsilon: float = 0.1  # epsilon-greedy: chance of a random allowed arm
     ucb_c: float = 0.5  # UCB1 exploration weight, on rewards normalised by the bucket's best estimate
-    window: int = 16  # rewards kept per (bucket, arm); the estimate is their median
+    window: int = 16  # round times kept per (bucket, arm), their median used; yields: 4x as many per arm
     warmup: int = 2  # rounds an arm needs in a bucket before its own estimate replaces a borrowed one
+    # An arm known only from a neighbouring bucket is still measured here when its borrowed estimate is
+    # within this fraction of the best: speculation's gain grows as the batch shrinks, so a gain borrowed
+    # from a larger batch understates it, and a few rounds of checking are cheap.
+    verify_ratio: float = 0.7
     max_bucket: int = 1 << 16
 
     def __post_init__(self) -> None:
@@ -94,7 +100,14 @@ def bucket_of(batch_size: int) -> int:
 
 
 class ArmSelector:
-    """Epsilon-greedy or UCB over arms, per batch-size bucket, rewarded by measured goodput."""
+    """Epsilon-greedy or UCB over arms, per batch-size bucket, rewarded by measured goodput.
+
+    Goodput is estimated as two factors with very different noise: the *yield* of an arm (tokens emitted
+    per sequence per round) depends on the drafter and the policy, not on the batch, and varies a lot from
+    round to round (0 to all drafts accepted), so it is pooled over every round of the arm; the *round
+    time* depends on the batch bucket and hardly varies, so it is kept per bucket, as a median. The
+    estimate is batch size x mean yield / median round time.
+    """
 
     def __init__(self, arms: Iterable[Arm], config: SelectorConfig | None = None, seed: int = 0):
         arms = list(dict.fromkeys(arms))  # de-duplicated, order kept
@@ -103,54 +116,71 @@ class ArmSelector:
         self.arms: list[Arm] = arms
         self.cfg = config or SelectorConfig()
         self.rng = random.Random(seed)
-        self._obs: dict[tuple[int, Arm], deque[list[float]]] = {}  # [goodput, weight] pairs
+        self._time: dict[tuple[int, Arm], deque[float]] = {}  # round seconds per (bucket, arm)
+        self._yield: dict[Arm, deque[list[float]]] = {}  # [tokens per sequence, weight] per arm
 
     # ------------------------------------------------------------------ learning
     def update(self, batch_size: int, arm: Arm, tokens: int, seconds: float) -> None:
         """Record one round: `tokens` emitted by `batch_size` sequences in `seconds` (wall clock)."""
-        if seconds <= 0:
+        if seconds <= 0 or batch_size <= 0:
             return
-        b = bucket_of(batch_size)
-        key = (b, arm)
-        if key not in self._obs:
-            self._obs[key] = deque(maxlen=self.cfg.window)
-        self._obs[key].append([tokens / seconds, 1.0])
+        key = (bucket_of(batch_size), arm)
+        if key not in self._time:
+            self._time[key] = deque(maxlen=self.cfg.window)
+        self._time[key].append(seconds)
+        if arm not in self._yield:
+            self._yield[arm] = deque(maxlen=4 * self.cfg.window)
+        self._yield[arm].append([tokens / batch_size, 1.0])
 
     def discount_speculation(self, factor: float) -> None:
-        """A new drafter or policy: past rewards of speculative arms count `factor` as much."""
-        for (_, arm), obs in self._obs.items():
+        """A new drafter or policy: past yields of speculative arms count `factor` as much (round times
+        do not depend on either and are kept)."""
+        for arm, obs in self._yield.items():
             if arm is not None:
                 for o in obs:
                     o[1] *= factor
 
-    def count(self, bucket: int, arm: Arm) -> float:
-        """Weight of the evidence for an arm in a bucket (one per fresh round)."""
-        return sum(w for _, w in self._obs.get((bucket, arm), ()))
+    def count(self, bucket: int, arm: Arm) -> int:
+        """Rounds of `arm` measured in `bucket` (within the window)."""
+        return len(self._time.get((bucket, arm), ()))
+
+    def _mean_yield(self, arm: Arm) -> float | None:
+        obs = self._yield.get(arm)
+        if not obs:
+            return None
+        total = sum(w for _, w in obs)
+        return sum(v * w for v, w in obs) / total if total > 0 else None
+
+    def _own_time(self, bucket: int, arm: Arm) -> float | None:
+        obs = self._time.get((bucket, arm))
+        return statistics.median(obs) if obs and len(obs) >= self.cfg.warmup else None
 
     def _own(self, bucket: int, arm: Arm) -> float | None:
-        obs = self._obs.get((bucket, arm))
-        if not obs or len(obs) < self.cfg.warmup:
-            return None
-        return _weighted_median(obs)
+        """Goodput from this bucket's own round times (None until warmed up)."""
+        t, y = self._own_time(bucket, arm), self._mean_yield(arm)
+        return None if t is None or y is None else bucket * y / t
 
-    def estimate(self, batch_size: int, arm: Arm) -> float | None:
-        """Expected goodput (tokens/s) of `arm` at this batch size: measured here, else borrowed."""
-        b = bucket_of(batch_size)
-        own = self._own(b, arm)
+    def _round_time(self, bucket: int, arm: Arm) -> float | None:
+        """Round time here: measured, else borrowed from the nearest bucket as a ratio to plain decoding's."""
+        own = self._own_time(bucket, arm)
         if own is not None:
             return own
-        base_here = self._own(b, None)
-        # The nearest bucket (by log distance, smaller first on ties) where the arm was measured.
-        for nb in sorted({k[0] for k in self._obs if k[1] == arm and k[0] != b},
-                         key=lambda x: (abs(math.log2(x) - math.log2(b)), x)):
-            there = self._own(nb, arm)
+        base_here = self._own_time(bucket, None)
+        for nb in sorted({k[0] for k in self._time if k[1] == arm and k[0] != bucket},
+                         key=lambda x: (abs(math.log2(x) - math.log2(bucket)), x)):
+            there = self._own_time(nb, arm)
             if there is None:
                 continue
-            base_there = self._own(nb, None)
+            base_there = self._own_time(nb, None)
             if arm is not None and base_here is not None and base_there:
-                return base_here * there / base_there  # the arm's gain over plain decoding carries over
-            return there * b / nb  # no baseline on both sides: goodput scales with the batch, roughly
+                return base_here * there / base_there  # the arm's cost relative to a plain round carries over
+            return there  # no baseline on both sides: small batches are latency-bound, time barely changes
         return None
+
+    def estimate(self, batch_size: int, arm: Arm) -> float | None:
+        """Expected goodput (tokens/s) of `arm` at this batch size."""
+        t, y = self._round_time(bucket_of(batch_size), arm), self._mean_yield(arm)
+        return None if t is None or y is None else batch_size * y / t
 
     # ------------------------------------------------------------------ choosing
     def choose(self, batch_size: int, allowed: Callable[[Arm], bool] | None = None) -> Arm:
@@ -163,8 +193,11 @@ class ArmSelector:
         if unknown:  # warm-up: every arm gets measured once (here or in a neighbouring bucket)
             return unknown[0]
         b = bucket_of(batch_size)
+        best = max(est.values())
+        borrowed = [a for a in arms if self._own_time(b, a) is None and est[a] >= self.cfg.verify_ratio * best]
+        if borrowed:  # promising, but measured elsewhere: check here
+            return max(borrowed, key=lambda a: est[a])
         if self.cfg.policy == "ucb":
-            best = max(est.values())
             n_total = sum(self.count(b, a) for a in arms) + 1
 
             def ucb(a: Arm) -> float:
@@ -178,21 +211,13 @@ class ArmSelector:
         return max(arms, key=lambda a: est[a])
 
     def snapshot(self) -> dict:
-        """Current estimates per bucket and arm (tokens/s, number of rewards in the window)."""
+        """Per bucket and arm: round time (median, s), goodput estimate (tokens/s), rounds measured; and
+        each arm's mean yield (tokens per sequence per round)."""
         out: dict[str, dict] = {}
-        for (b, arm), obs in sorted(self._obs.items(), key=lambda kv: (kv[0][0], arm_name(kv[0][1]))):
-            out.setdefault(str(b), {})[arm_name(arm)] = {"goodput": round(_weighted_median(obs), 2),
-                                                         "n": len(obs)}
+        for (b, arm) in sorted(self._time, key=lambda k: (k[0], arm_name(k[1]))):
+            t, g = self._own_time(b, arm), self._own(b, arm)
+            out.setdefault(str(b), {})[arm_name(arm)] = {
+                "round_s": None if t is None else round(t, 5), "goodput": None if g is None else round(g, 2),
+                "n": self.count(b, arm)}
+        out["yield"] = {arm_name(a): round(self._mean_yield(a), 3) for a in self._yield}
         return out
-
-
-def _weighted_median(obs: Iterable[list[float]]) -> float:
-    """The value where the cumulative weight (values sorted) first reaches half the total."""
-    pairs = sorted(obs)
-    half = sum(w for _, w in pairs) / 2
-    acc = 0.0
-    for v, w in pairs:
-        acc += w
-        if acc >= half:
-            return v
-    return pairs[-1][0]
