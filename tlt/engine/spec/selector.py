@@ -13,7 +13,8 @@ bottleneck). Where the crossover lies depends on the hardware, the batch, and ho
   over all rounds of the arm) and its *round time* per **batch-size bucket** (powers of two; steady, kept
   as the median of a window, robust to the odd slow round).
 - **Neighbouring buckets share knowledge**: an arm not yet timed in a bucket gets its round time from the
-  nearest bucket where it was, as a ratio to plain decoding's there. A rarely seen batch size is thus
+  nearest bucket where it was, as a ratio to plain decoding's there (its excess over 1 scaled with the
+  batch size). A rarely seen batch size is thus
   not explored from scratch; a borrowed estimate close to the best is checked locally.
 - A **new drafter or new policy weights** make what was learned about speculative arms' yields partly
   stale: their weight is multiplied by a discount (round times are kept; they depend on neither), so
@@ -78,11 +79,15 @@ class SelectorConfig:
     epsilon: float = 0.1  # epsilon-greedy: chance of a random allowed arm
     ucb_c: float = 0.5  # UCB1 exploration weight, on rewards normalised by the bucket's best estimate
     window: int = 16  # round times kept per (bucket, arm), their median used; yields: 4x as many per arm
-    warmup: int = 2  # rounds an arm needs in a bucket before its own estimate replaces a borrowed one
+    warmup: int = 1  # rounds an arm needs in a bucket before its own round time replaces a borrowed one
     # An arm known only from a neighbouring bucket is still measured here when its borrowed estimate is
     # within this fraction of the best: speculation's gain grows as the batch shrinks, so a gain borrowed
     # from a larger batch understates it, and a few rounds of checking are cheap.
     verify_ratio: float = 0.7
+    # Exploration (epsilon's random picks, UCB's bonus, warm-up of unmeasured arms) only among arms whose
+    # estimate is within this fraction of the best: at a large batch a speculative round can cost ten plain
+    # ones, and re-checking a hopeless arm there is the costliest thing a selector can do.
+    explore_floor: float = 0.5
     max_bucket: int = 1 << 16
 
     def __post_init__(self) -> None:
@@ -92,6 +97,11 @@ class SelectorConfig:
             raise ValueError("selector epsilon must be in [0, 1]")
         if self.window < 1 or self.warmup < 1 or self.warmup > self.window:
             raise ValueError("selector needs 1 <= warmup <= window")
+
+
+def _cost(arm: Arm) -> tuple[int, int]:
+    """Order of cost per round: plain decoding, then by tokens verified per sequence, then draft depth."""
+    return (0, 0) if arm is None else (arm.num_draft_tokens, arm.num_steps)
 
 
 def bucket_of(batch_size: int) -> int:
@@ -173,7 +183,11 @@ class ArmSelector:
                 continue
             base_there = self._own_time(nb, None)
             if arm is not None and base_here is not None and base_there:
-                return base_here * there / base_there  # the arm's cost relative to a plain round carries over
+                # The arm's cost relative to a plain round carries over, its excess scaled with the batch:
+                # verifying N tokens per sequence costs ~N plain rounds when compute-bound (large batch),
+                # barely more than one when latency-bound (small batch).
+                excess = (there / base_there - 1.0) * bucket / nb
+                return base_here * min(max(1.0 + excess, 1.0), arm.num_draft_tokens + 1.0)
             return there  # no baseline on both sides: small batches are latency-bound, time barely changes
         return None
 
@@ -189,26 +203,30 @@ class ArmSelector:
         if len(arms) == 1:
             return arms[0]
         est = {a: self.estimate(batch_size, a) for a in arms}
-        unknown = [a for a in arms if est[a] is None]
-        if unknown:  # warm-up: every arm gets measured once (here or in a neighbouring bucket)
-            return unknown[0]
+        known = {a: v for a, v in est.items() if v is not None}
+        best = max(known.values(), default=0.0)
+        floor = self.cfg.explore_floor * best
+        # Warm-up, cheapest arm first; an arm is skipped once a cheaper speculative arm is hopeless here.
+        for a in sorted((a for a in arms if est[a] is None), key=_cost):
+            if not any(k is not None and _cost(k) <= _cost(a) and v < floor for k, v in known.items()):
+                return a
+        arms = [a for a in known if known[a] >= floor]  # the plausible ones (the best among them)
         b = bucket_of(batch_size)
-        best = max(est.values())
-        borrowed = [a for a in arms if self._own_time(b, a) is None and est[a] >= self.cfg.verify_ratio * best]
+        borrowed = [a for a in arms if self._own_time(b, a) is None and known[a] >= self.cfg.verify_ratio * best]
         if borrowed:  # promising, but measured elsewhere: check here
-            return max(borrowed, key=lambda a: est[a])
+            return max(borrowed, key=lambda a: known[a])
         if self.cfg.policy == "ucb":
             n_total = sum(self.count(b, a) for a in arms) + 1
 
             def ucb(a: Arm) -> float:
                 n = self.count(b, a)
                 bonus = self.cfg.ucb_c * math.sqrt(math.log(n_total) / n) if n else float("inf")
-                return est[a] / best + bonus
+                return known[a] / best + bonus
 
             return max(arms, key=ucb)
         if self.rng.random() < self.cfg.epsilon:
             return self.rng.choice(arms)
-        return max(arms, key=lambda a: est[a])
+        return max(arms, key=lambda a: known[a])
 
     def snapshot(self) -> dict:
         """Per bucket and arm: round time (median, s), goodput estimate (tokens/s), rounds measured; and
