@@ -69,9 +69,14 @@ def test_update_drafter(http, drafter_root, tmp_path):
     assert out["meta_info"]["drafter_version"] == "v2" and out["output_ids"] == ref["output_ids"]
     outside = http.post("/update_drafter", json={"path": str(tmp_path), "version": "v3"})
     assert outside.status_code in (400, 403)
+    alias = http.post("/update_drafter_from_disk", json={"path": str(drafter_root / "d1"), "version": "v2b"})
+    assert alias.status_code == 200 and alias.json()["drafter_version"] == "v2b"
+    status = http.get("/drafter/status").json()
+    assert status["drafter_version"] == "v2b" and status["drafter_swaps"] == 2
+    assert status["speculation"]["mode"] in ("adaptive", "fixed") and status["accept_length"] >= 1
     missing = http.post("/update_drafter", json={"path": str(drafter_root / "nope"), "version": "v3"})
     assert missing.status_code in (400, 404)
-    assert http.get("/get_model_info").json()["drafter_version"] == "v2"  # unchanged after refusals
+    assert http.get("/get_model_info").json()["drafter_version"] == "v2b"  # unchanged after refusals
     assert _gen(http)["output_ids"] == ref["output_ids"]
 
 

@@ -187,13 +187,26 @@ def create_app(engine: Engine, api_key: str | None = None, weight_roots: list[st
         return JSONResponse({"success": True, "message": "memory resumed", "released": engine.released_memory})
 
     # ------------------------------------------------------------------------------------------ drafter
-    @app.post("/update_drafter")
+    @app.api_route("/update_drafter", methods=["POST"])
+    @app.api_route("/update_drafter_from_disk", methods=["POST"])
     async def update_drafter(request: Request):
         """A new drafter version from a folder (under --weight-roots); the current one stays on any error."""
         req = schemas.parse(schemas.UpdateDrafterReq, await request.body())
         path = _weights_guard(lambda: resolve_weight_path(req.path, opts.weight_roots))
         _weights_guard(lambda: engine.update_drafter(path, version=req.version))
         return JSONResponse({"success": True, "drafter_version": engine.drafter_version})
+
+    @app.get("/drafter/status")
+    async def drafter_status():
+        """What the drafter is doing: version, speculation mode (or why it is suspended), the selector's
+        estimates, accept counters, drafter-data records handed out."""
+        st = engine.get_stats()
+        rounds = st.get("spec_verify_rounds", 0)
+        keys = ("spec_verify_rounds", "spec_accepted_tokens", "spec_rounds_by_arm", "spec_tokens_by_arm",
+                "drafter_swaps", "spec_fallbacks", "drafter_records", "drafter_sink_errors")
+        return JSONResponse({"drafter_version": engine.drafter_version, "speculation": st.get("speculation"),
+                             "accept_length": 1 + st.get("spec_accepted_tokens", 0) / rounds if rounds else None,
+                             **{k: st.get(k) for k in keys}})
 
     @app.post("/set_speculation")
     async def set_speculation(request: Request):
