@@ -11,13 +11,13 @@ batch shrinks from hundreds of sequences to a tail of a few — where the hardwa
 
 One engine (one model load, one drafter) serves every run: `set_speculation` fixes the arm for the static
 runs ('off' and each of `--arms`); the adaptive run lets the bandit choose among the same arms and plain
-decoding, starting cold (fixed-arm rounds do not feed it; it runs first). Reported per run: total time,
-time in the tail phase (from the first round with <= `--tail` active sequences to the end), tokens, the
-arm mix, and whether the outputs are token-identical to the no-speculation run (seeded sampling: they
-should be, up to bfloat16 near-ties). Headline keys: `speedup_total` and `speedup_tail` (adaptive vs no
-speculation) and `vs_best_static` (adaptive throughput / the best static arm's, chosen in hindsight). A
-PNG timeline (active sequences over time for every run; the adaptive run's arm per round) is written
-beside the JSON.
+decoding, starting cold (fixed-arm rounds do not feed it), after one discarded warm-up rollout. Reported per
+run: total time, time in the tail phase (from the first round with <= `--tail` active sequences to the end),
+tokens, the arm mix, and whether the outputs are token-identical to the no-speculation run (seeded sampling:
+they should be, up to bfloat16 near-ties). Headline keys: `speedup_total` and `speedup_tail` (adaptive vs no
+speculation) and `vs_best_static` (adaptive throughput / the best static arm's, chosen in hindsight). A PNG
+timeline (active sequences over time for every run; the adaptive run's arm per round) is written beside the
+JSON.
 """
 
 from __future__ import annotations
@@ -128,10 +128,14 @@ def bench(model_path, drafter: str, arms: list[str], kind: str, prompts: int, n:
     ids, sps = _requests(ps, n, temperature, lengths, seed)
     log(f"workload: {prompts} {kind} prompts x n={n}, T={temperature}, max_new_tokens Pareto(alpha={alpha}) "
         f"from {min_tokens}, cap {max_tokens}: mean {sum(lengths) / len(lengths):.0f}, max {max(lengths)}")
-    engine.set_speculation("off")  # warm-up (first-call costs), without teaching the bandit anything
-    engine.generate(input_ids=ps[:4], sampling_params={"max_new_tokens": 8})
+    # Warm-up: one whole plain rollout, discarded. The first run otherwise pays one-time costs the others
+    # do not (KV growth to its full size, first touch of GBs of pages: measured ~20% of a run). Plain
+    # rounds do not teach the bandit anything (fixed-arm rounds never feed it).
+    engine.set_speculation("off")
+    log("  warm-up run (off, discarded)")
+    _run(engine, "off", ids, sps, tail, lambda m: None)
     runs = []
-    for mode in ["adaptive", "off", *arms]:  # adaptive first: its bandit starts cold
+    for mode in ["adaptive", "off", *arms]:  # the bandit starts cold whatever the order
         log(f"  run {mode}")
         r = _run(engine, mode, ids, sps, tail, log)
         log(f"  {mode}: {r['total_s']:.1f} s total, tail {r['tail_s']:.1f} s, {r['tok_per_s']:.1f} tok/s, "
