@@ -60,43 +60,14 @@ def cmd_generate(args) -> None:
     engine.shutdown()
 
 
-DEMO_QUESTIONS = [
-    "What is the capital of France?",
-    "Give me three tips for staying healthy.",
-    "Write a haiku about the sea.",
-    "If I have 3 apples and buy 5 more, how many do I have?",
-]
+def cmd_demo(rest: list[str]) -> None:
+    """The main job: GRPO on SmolLM2 without and with tlt, a table and a report folder (benchmarks/rl_grpo.py)."""
+    import os
 
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # benchmarks/ beside tlt/
+    from benchmarks.rl_grpo import demo
 
-def cmd_demo(args) -> None:
-    """The main job until the RL demo lands: load the default model, generate, report speed."""
-    import tlt
-
-    print("tlt demo: SmolLM2-135M-Instruct (embedded GGUF), bfloat16, CPU engine", flush=True)
-    t = time.perf_counter()
-    engine = tlt.Engine(dtype="bfloat16", random_seed=0)
-    print(f"loaded in {time.perf_counter() - t:.1f} s ({engine.get_model_info()['device']})", flush=True)
-    prompts = [engine.tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
-                                                    add_generation_prompt=True) for q in DEMO_QUESTIONS]
-    greedy = {"temperature": 0, "max_new_tokens": args.max_new_tokens}
-    outs, n, dt = asyncio.run(_generate_with_progress(engine, "batch of 4, greedy", prompt=prompts,
-                                                      sampling_params=greedy))
-    for q, o in zip(DEMO_QUESTIONS, outs):
-        print(f"\nQ: {q}\nA: {o['text'].strip()}\n   [{o['meta_info']['completion_tokens']} tokens, "
-              f"finish: {o['meta_info']['finish_reason']['type']}]")
-    sampled = {"temperature": 1.0, "top_p": 0.95, "max_new_tokens": args.max_new_tokens, "n": 8,
-               "sampling_seed": 1234}
-    outs8, n8, dt8 = asyncio.run(_generate_with_progress(engine, "\nRL-style rollout: 1 prompt x n=8, T=1",
-                                                         prompt=prompts[3], sampling_params=sampled,
-                                                         return_logprob=True))
-    for i, o in enumerate(outs8[:3]):
-        lps = [lp for lp, _, _ in o["meta_info"]["output_token_logprobs"]]
-        print(f"  sample {i}: {o['text'].strip()[:80]!r} (sum logprob {sum(lps):.2f})")
-    print("\nsummary")
-    print(f"  {'run':<34}{'tokens':>8}{'seconds':>9}{'tok/s':>9}")
-    print(f"  {'4 prompts, greedy, batched':<34}{n:>8}{dt:>9.2f}{n / dt:>9.1f}")
-    print(f"  {'1 prompt x n=8 samples, T=1':<34}{n8:>8}{dt8:>9.2f}{n8 / dt8:>9.1f}")
-    engine.shutdown()
+    demo(rest)
 
 
 def cmd_train_drafter(args) -> None:
@@ -129,6 +100,8 @@ def cmd_bench(args, rest: list[str]) -> None:
         from benchmarks.adaptive_rollout import main as bench_main
     elif args.which == "drafter-drift":
         from benchmarks.drafter_drift import main as bench_main
+    elif args.which == "rl":
+        from benchmarks.rl_grpo import main as bench_main
     else:
         raise SystemExit(f"unknown benchmark {args.which!r}")
     bench_main(rest)
@@ -154,10 +127,10 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--top-k", type=int, default=-1)
     g.add_argument("--n", type=int, default=1)
     g.add_argument("--seed", type=int, default=None, help="sampling_seed (reproducible sampling)")
-    d = sub.add_parser("demo", help="the main job (make run)")
-    d.add_argument("--max-new-tokens", type=int, default=96)
-    b = sub.add_parser("bench", help="benchmarks: engine | spec | adaptive | drafter-drift", add_help=False)
-    b.add_argument("which", choices=["engine", "spec", "adaptive", "drafter-drift"])
+    sub.add_parser("demo", help="the main job (make run): GRPO without and with tlt (see tlt demo --help)",
+                   add_help=False)
+    b = sub.add_parser("bench", help="benchmarks: engine | spec | adaptive | drafter-drift | rl", add_help=False)
+    b.add_argument("which", choices=["engine", "spec", "adaptive", "drafter-drift", "rl"])
     sub.add_parser("serve", help="SGLang-compatible HTTP server (see tlt serve --help)", add_help=False)
     t = sub.add_parser("train-drafter", help="train an EAGLE-style drafter on the engine's own outputs")
     _engine_args(t)
@@ -174,11 +147,13 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--resume", action="store_true", help="continue training the drafter already in OUT")
     if argv and argv[0] == "serve":
         return cmd_serve(argv[1:])
+    if argv and argv[0] == "demo":
+        return cmd_demo(argv[1:])
     if argv and argv[0] == "bench":
         args, rest = p.parse_known_args(argv)
         return cmd_bench(args, rest)
     args = p.parse_args(argv)
-    {"generate": cmd_generate, "demo": cmd_demo, "train-drafter": cmd_train_drafter}[args.cmd](args)
+    {"generate": cmd_generate, "train-drafter": cmd_train_drafter}[args.cmd](args)
 
 
 if __name__ == "__main__":
