@@ -34,7 +34,10 @@ def test_bench_rl_writes_json_and_plots(tiny_models, tmp_path):
     assert res["config"]["drafter"] == "random"
     for mode in ("baseline", "tlt"):
         assert set(res["seconds"][mode]) == {"step", "rollout", "tail", "train", "push", "drafter"}
-    assert res["per_step"]["tlt"][0]["accept_len"] is not None and res["per_step"]["baseline"][0]["accept_len"] is None
+    base, tlt = res["per_step"]["baseline"], res["per_step"]["tlt"]
+    assert all(r["accept_len"] is None and not r["arm_stats"]["spec_rounds_by_arm"] for r in base)
+    assert res["config"]["tlt_speculation"] == {"speculative_adaptive": True}
+    assert all(sum(r["arm_stats"]["spec_rounds_by_arm"].values()) > 0 for r in tlt)  # a speculative engine
     # float32, same seeds: the first step's rollouts are identical, and the replays without speculation too.
     assert res["comparison"][0]["identical"] and res["replay_identical"] == [True, True]
     assert all(c["identical"] or not c["first_difference"]["reason"].startswith("not lossless")

@@ -17,8 +17,7 @@ def test_problems_are_a_function_of_the_seed():
 def test_answers_are_right():
     for p in tasks.make_problems(200, 3):
         a, b = (int(x) for x in re.findall(r"\d+", p.question)[:2])
-        assert p.answer == (a + b if "more" in p.question else a - b)
-        assert p.answer >= 0
+        assert p.answer == a + b and 1 <= a <= 9 and 1 <= b <= 9
 
 
 def test_prompt_asks_for_the_marker(smol_tokenizer_dir):

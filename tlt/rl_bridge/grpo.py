@@ -46,13 +46,19 @@ class GRPOConfig:
     group_size: int = 8  # n samples per prompt
     max_new_tokens: int = 64
     temperature: float = 0.7
-    lr: float = 1e-5
+    lr: float = 3e-5
     weight_decay: float = 0.0
+    # AdamW's eps at 1e-5 (as PPO's reference implementations), not torch's 1e-8: with 1e-8 its first steps
+    # are ~lr * sign(gradient) on every coordinate, so a last-bit difference in the rollout log-probs (a
+    # verify pass vs a decode pass) flips near-zero coordinates by 2 * lr and two otherwise identical runs
+    # drift apart; with 1e-5 the update is a smooth function of the gradient (measured: max weight
+    # difference after one step 1e-7 instead of 4e-5).
+    adam_eps: float = 1e-5
     clip_eps: float = 0.2
     minibatches: int = 2  # optimizer steps per RL step (the later ones are off-policy: the ratio clips)
     micro_batch: int = 8  # sequences per forward/backward
     max_grad_norm: float = 1.0
-    bf16_autocast: bool = False
+    bf16_autocast: bool = False  # faster on CPUs with bf16 units, but its rounding amplifies last-bit differences
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -486,7 +492,7 @@ class GRPOTrainer:
         self.problems = tasks.make_problems(cfg.steps * cfg.prompts_per_step, cfg.seed)
         self.prompts = [tasks.prompt_ids(tokenizer, p) for p in self.problems]
         self.opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr,
-                                     weight_decay=cfg.weight_decay)
+                                     weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
         self.records: list[StepRecord] = []
 
     def step_prompts(self, step: int) -> tuple[list[tasks.Problem], list[list[int]], list[dict]]:
@@ -682,7 +688,7 @@ def compare_rollouts(a: list[StepRecord], b: list[StepRecord], group_size: int, 
         same_rewards = ra.rewards == rb.rewards
         out.append({"step": ra.step, "identical": identical, "sequences": len(ra.output_ids),
                     "differing_sequences": len(diffs), "first_difference": diffs[0] if diffs else None,
-                    "same_rewards": same_rewards, "max_logprob_diff": lp_diff})
+                    "same_rewards": same_rewards, "max_logprob_diff": lp_diff, "same_weights": cause is None})
         if cause is None:
             if not identical or not same_rewards:
                 cause = f"step {ra.step} trained on other rollouts"

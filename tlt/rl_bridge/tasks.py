@@ -1,9 +1,10 @@
 """Arithmetic word problems for the GRPO demo: generated from a seed, answered after a marker, rewarded 0/1.
 
-The problems are one-step additions and subtractions of small numbers ("Ann has 7 coins and gets 5 more
-..."): easy enough that SmolLM2-135M-Instruct answers some of them right when sampling (about one in five
-at temperature 0.7, measured), so that a GRPO group usually holds both right and wrong answers and the
-reward can move within a few steps.
+The problems are one-step additions of numbers from 1 to 9 ("Ann has 7 coins and finds 5 more ..."):
+easy enough that SmolLM2-135M-Instruct answers some of them right when sampling (measured at temperature
+0.7, 128 new tokens: reward 0.29, and all 15 groups of 8 samples held both right and wrong answers), so
+that GRPO has a signal in most groups and the reward can move within a few steps. Subtraction ("gives
+away 4") was tried and dropped: the model got 3% of those right, leaving most groups without signal.
 
 Reward rule (`reward`): the model's final answer is the first number after the last `Answer:` marker when
 a number follows it, else the last number in the reply; the reward is 1.0 when that number equals the
@@ -21,6 +22,7 @@ MARKER = "Answer:"
 
 NAMES = ["Ann", "Bob", "Carla", "Dev", "Eli", "Fay", "Gus", "Hana", "Ivo", "Jun"]
 ITEMS = ["apples", "books", "coins", "marbles", "pencils", "stickers", "cards", "shells", "stamps", "eggs"]
+VERBS = ["gets", "finds", "buys", "is given"]
 
 _NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?")
 
@@ -38,17 +40,9 @@ def make_problems(n: int, seed: int) -> list[Problem]:
     rng = random.Random(f"tlt-arith-{seed}")
     out = []
     for _ in range(n):
-        who, what = rng.choice(NAMES), rng.choice(ITEMS)
-        if rng.random() < 0.5:
-            a, b = rng.randint(1, 9), rng.randint(1, 9)
-            q = f"{who} has {a} {what} and gets {b} more. How many {what} does {who} have now?"
-            ans = a + b
-        else:
-            a = rng.randint(5, 15)
-            b = rng.randint(1, a - 1)
-            q = f"{who} has {a} {what} and gives away {b}. How many {what} does {who} have now?"
-            ans = a - b
-        out.append(Problem(q, ans))
+        who, what, verb = rng.choice(NAMES), rng.choice(ITEMS), rng.choice(VERBS)
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
+        out.append(Problem(f"{who} has {a} {what} and {verb} {b} more. How many {what} does {who} have now?", a + b))
     return out
 
 
