@@ -19,6 +19,10 @@ rollouts and reward curve; the per-step comparison says where they differ, if an
   hands it the rollouts' states, it trains `--drafter-train-s` seconds after each rollout and publishes a
   new version into the engine). On one CPU that training is not idle time: it is counted in the step.
 
+Both runs live in this one process (two engines, two policies) and step interleaved, baseline step k
+then tlt step k, so that noise from other processes on a shared machine hits both alike; each engine and
+policy is warmed up before the first timed step.
+
 Per step and run: rollout, training, weight push and drafter seconds; the tail (time with <= 8 sequences
 running); mean reward; accept length; drafter version; arm mix. Headline keys: `e2e_speedup` (sum of
 step times, baseline / tlt), `rollout_speedup` (sum of rollout times), `rewards_baseline`, `rewards_tlt`
@@ -141,50 +145,50 @@ def _launch_server(args, extra: dict, log):
     raise TimeoutError("tlt serve did not become healthy in 300 s")
 
 
-def run_mode(mode: str, args, cfg, drafter_dir: str | None, max_steps: int | None, time_budget_s: float | None,
-             log) -> dict:
-    """One GRPO run: load the engine (or server) and the policy, train, return the records."""
-    import tlt
-    from tlt.rl_bridge import grpo
+class _Run:
+    """One side of the comparison: its engine (or `tlt serve` child), policy and trainer."""
 
-    t0 = time.perf_counter()
-    spec = _spec_kwargs(args, drafter_dir) if mode == "tlt" else {}
-    engine = proc = None
-    hook = None
-    if args.backend == "engine":
-        engine = tlt.Engine(args.model_path, **_engine_kwargs(args), **spec)
-        backend = grpo.EngineRollouts(engine)
-        tokenizer = engine.tokenizer
-        model_config = engine.model_config
-        policy = grpo.build_policy(model_config, engine.get_weights_by_name)
-        _warm_up(backend, policy, tokenizer)
-        if mode == "tlt" and args.drafter_train_s > 0:  # attached after the warm-up: it keeps rollout data
-            hook = grpo.OnlineDrafterHook(engine, budget_s=args.drafter_train_s)
-    else:
-        proc, url = _launch_server(args, spec, log)
-        backend = grpo.HttpRollouts(url)
-        tokenizer = _load_tokenizer(args.model_path)
-        policy, model_config = grpo.policy_from_checkpoint(args.model_path)
-        _warm_up(backend, policy, tokenizer)
-    load_s = time.perf_counter() - t0
-    info = backend.info()
-    log(f"[{mode}] ready in {load_s:.1f} s: {args.backend} backend, {info.get('dtype')}, speculation "
-        f"{'on (' + ('adaptive' if spec.get('speculative_adaptive') else 'static s3k1') + ')' if spec else 'off'}"
-        + (f", online drafter {args.drafter_train_s:g} s/step" if hook else ""))
-    check = mode == "tlt" and args.lossless_check and args.backend == "engine"
-    trainer = grpo.GRPOTrainer(backend, policy, tokenizer, cfg, label=mode, log=log, drafter=hook,
-                               lossless_check=check)
-    try:
-        records = trainer.run(max_steps=max_steps, time_budget_s=time_budget_s)
-    finally:
-        if hook is not None:
-            hook.close()
-        backend.close()
-        if proc is not None:
-            proc.terminate()
-            proc.wait(30)
-    return {"records": records, "load_s": load_s, "info": info, "tokenizer": tokenizer, "model_config": model_config,
-            "spec": {k: v for k, v in spec.items() if k != "speculative_draft_model_path"}}
+    def __init__(self, mode: str, args, cfg, drafter_dir: str | None, log):
+        import tlt
+        from tlt.rl_bridge import grpo
+
+        t0 = time.perf_counter()
+        spec = _spec_kwargs(args, drafter_dir) if mode == "tlt" else {}
+        self.proc = None
+        self.hook = None
+        if args.backend == "engine":
+            engine = tlt.Engine(args.model_path, **_engine_kwargs(args), **spec)
+            self.backend = grpo.EngineRollouts(engine)
+            self.tokenizer = engine.tokenizer
+            self.model_config = engine.model_config
+            policy = grpo.build_policy(self.model_config, engine.get_weights_by_name)
+            _warm_up(self.backend, policy, self.tokenizer)
+            if mode == "tlt" and args.drafter_train_s > 0:  # attached after the warm-up: it keeps rollout data
+                self.hook = grpo.OnlineDrafterHook(engine, budget_s=args.drafter_train_s)
+        else:
+            self.proc, url = _launch_server(args, spec, log)
+            self.backend = grpo.HttpRollouts(url)
+            self.tokenizer = _load_tokenizer(args.model_path)
+            policy, self.model_config = grpo.policy_from_checkpoint(args.model_path)
+            _warm_up(self.backend, policy, self.tokenizer)
+        self.load_s = time.perf_counter() - t0
+        self.info = self.backend.info()
+        self.spec = {k: v for k, v in spec.items() if k != "speculative_draft_model_path"}
+        kind = ("adaptive" if spec.get("speculative_adaptive") else "static s3k1") if spec else None
+        log(f"[{mode}] ready in {self.load_s:.1f} s: {args.backend} backend, {self.info.get('dtype')}, speculation "
+            f"{'on (' + kind + ')' if kind else 'off'}"
+            + (f", online drafter {args.drafter_train_s:g} s/step" if self.hook else ""))
+        check = mode == "tlt" and args.lossless_check and args.backend == "engine"
+        self.trainer = grpo.GRPOTrainer(self.backend, policy, self.tokenizer, cfg, label=mode, log=log,
+                                        drafter=self.hook, lossless_check=check)
+
+    def close(self) -> None:
+        if self.hook is not None:
+            self.hook.close()
+        self.backend.close()
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(30)
 
 
 def _warm_up(backend, policy, tokenizer) -> None:
@@ -203,8 +207,14 @@ def _sum(records, key: str) -> float:
     return sum(getattr(r, key) for r in records)
 
 
+def _median(records, key: str) -> float:
+    import statistics
+
+    return statistics.median(getattr(r, key) for r in records)
+
+
 def bench(args, log=print) -> dict:
-    """Baseline, then tlt with as many steps as the baseline did; the comparison."""
+    """Baseline and tlt, step by step interleaved, then the comparison."""
     from tlt.rl_bridge import grpo
 
     cfg = grpo.GRPOConfig(steps=args.steps, prompts_per_step=args.prompts, group_size=args.n,
@@ -216,17 +226,30 @@ def bench(args, log=print) -> dict:
     log(f"GRPO: {cfg.prompts_per_step} prompts x n={cfg.group_size}, <= {cfg.max_new_tokens} new tokens, "
         f"T={cfg.temperature}, {cfg.steps} steps{f', time budget {budget:g} s' if budget else ''}; "
         f"engines in {args.dtype}")
-    # The baseline gets a bit under half the budget left after loading (~20 s): the tlt run repeats its
-    # number of steps and may be slower.
-    base = run_mode("baseline", args, cfg, None, None, max(budget - 20, 0) * 0.46 if budget else None, log)
-    steps = len(base["records"])
+    base = _Run("baseline", args, cfg, None, log)
     tmp: list = []
-    drafter_dir = _drafter_dir(args, base["model_config"], tmp, log)
-    res_tlt = run_mode("tlt", args, cfg, drafter_dir, steps, None, log)
+    drafter_dir = _drafter_dir(args, base.model_config, tmp, log)
+    tlt_run = _Run("tlt", args, cfg, drafter_dir, log)
     for d in tmp:
-        d.cleanup()
-    rb, rt = base["records"], res_tlt["records"]
-    cmp = grpo.compare_rollouts(rb, rt, cfg.group_size, base["tokenizer"], dtype=base["info"].get("dtype"))
+        d.cleanup()  # loaded: the engine keeps nothing open
+    # Interleaved, step k of the baseline then step k of tlt: machine noise (other processes on a shared
+    # box) then hits both runs alike instead of whichever ran second.
+    t_steps = time.perf_counter()
+    try:
+        for k in range(1, cfg.steps + 1):
+            done = k - 1
+            if budget and done:
+                elapsed = time.perf_counter() - t_start
+                if elapsed + (time.perf_counter() - t_steps) / done > budget:
+                    log(f"time budget: stopping after {done} steps")
+                    break
+            base.trainer.step(k)
+            tlt_run.trainer.step(k)
+    finally:
+        base.close()
+        tlt_run.close()
+    rb, rt = base.trainer.records, tlt_run.trainer.records
+    cmp = grpo.compare_rollouts(rb, rt, cfg.group_size, base.tokenizer, dtype=base.info.get("dtype"))
     step_b, step_t = _sum(rb, "step_s"), _sum(rt, "step_s")
     roll_b, roll_t = _sum(rb, "rollout_s"), _sum(rt, "rollout_s")
     tail_b, tail_t = _sum(rb, "tail_s"), _sum(rt, "tail_s")
@@ -235,6 +258,9 @@ def bench(args, log=print) -> dict:
         "e2e_speedup": step_b / step_t,
         "rollout_speedup": roll_b / roll_t,
         "tail_speedup": tail_b / tail_t if tail_t > 0 else None,
+        # Robust to one step hit by another process: ratios of the per-step medians.
+        "e2e_speedup_median_step": _median(rb, "step_s") / _median(rt, "step_s"),
+        "rollout_speedup_median_step": _median(rb, "rollout_s") / _median(rt, "rollout_s"),
         "rewards_baseline": [r.reward_mean for r in rb],
         "rewards_tlt": [r.reward_mean for r in rt],
         "rollouts_identical": all(c["identical"] for c in cmp),
@@ -252,8 +278,9 @@ def bench(args, log=print) -> dict:
                    "dtype": args.dtype, "backend": args.backend, "threads": args.threads or "torch default",
                    "drafter": args.drafter or ("benchmarks/drafters/smollm2" if drafter_dir == DEFAULT_DRAFTER
                                                else "random"),
-                   "tlt_speculation": res_tlt["spec"], "drafter_train_s": args.drafter_train_s,
-                   "time_budget_s": budget, "load_s": {"baseline": base["load_s"], "tlt": res_tlt["load_s"]}},
+                   "tlt_speculation": tlt_run.spec, "drafter_train_s": args.drafter_train_s,
+                   "time_budget_s": budget, "load_s": {"baseline": base.load_s, "tlt": tlt_run.load_s},
+                   "interleaved": True},
         "machine": machine(),
     }
     res["total_s"] = time.perf_counter() - t_start
@@ -282,6 +309,8 @@ def table(res: dict) -> str:
     lines.append(f"rollouts    baseline {s['baseline']['rollout']:.1f} s, tlt {s['tlt']['rollout']:.1f} s "
                  f"-> rollout speedup {res['rollout_speedup']:.2f}x"
                  + (f" (tail {res['tail_speedup']:.2f}x)" if res["tail_speedup"] else ""))
+    lines.append(f"            per-step medians: e2e {res['e2e_speedup_median_step']:.2f}x, "
+                 f"rollout {res['rollout_speedup_median_step']:.2f}x")
     lines.append(f"lossless    rollouts identical: {res['rollouts_identical']}, "
                  f"reward curves identical: {res['rewards_identical']}")
     first = next((c for c in res["comparison"] if not c["identical"]), None)
@@ -401,7 +430,8 @@ def add_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
                         "tokens (untimed; engine backend)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's choice)")
     p.add_argument("--time-budget", type=float, default=300.0 if demo else None,
-                   help="seconds for both runs together; the baseline stops early to fit, tlt repeats its steps")
+                   help="seconds for both runs together, loading included: no step pair starts that would likely end "
+                        "past it")
 
 
 def run(args, log=print) -> dict:
