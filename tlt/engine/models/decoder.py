@@ -13,8 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tlt.engine import kernels
 from tlt.engine.models.model_config import ModelConfig
 from tlt.engine.models.rope import RotaryTable, apply_rotary
+
+# Above this many tokens in one pass (a long prefill) the two-thread torch ops win over the
+# single-threaded fused kernels.
+FUSED_MAX_TOKENS = 512
 
 
 @dataclass
@@ -73,7 +78,8 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
-            return packed_linear(x, self.packed, self.bias)
+            # The oneDNN op directly: the custom-op wrapper costs ~15 us a call in eager mode.
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 
 
@@ -160,6 +166,7 @@ class DecoderLM(nn.Module):
         self.register_buffer("head_packed", None, persistent=False)
         self.max_positions = max_positions
         self.rope: RotaryTable | None = None
+        self.fused_cpu = False  # bf16 on CPU with the fused kernels built (set by pack_weights)
 
     def build_rope(self) -> None:
         """(Re)build the cos/sin tables on the module's device and dtype."""
@@ -175,6 +182,7 @@ class DecoderLM(nn.Module):
             if isinstance(m, Linear):
                 m.pack(enabled)
         self.head_packed = torch.ops.mkldnn._reorder_linear_weight(self.head_weight.detach()) if enabled else None
+        self.fused_cpu = w.device.type == "cpu" and w.dtype == torch.bfloat16 and kernels.available()
 
     @property
     def head_weight(self) -> torch.Tensor:
@@ -186,6 +194,8 @@ class DecoderLM(nn.Module):
         `capture_layers`: indices of layers whose *output* hidden states are also returned (for the
         drafter), as a list in the same order.
         """
+        if self.fused_cpu and input_ids.numel() <= FUSED_MAX_TOKENS:
+            return self._forward_fused(input_ids, batch, k_caches, v_caches, capture_layers)
         cos, sin = self.rope.lookup(batch.positions)
         x = self.embed(input_ids)
         captured = {}
@@ -195,10 +205,57 @@ class DecoderLM(nn.Module):
                 captured[i] = x
         return self.norm(x), [captured[i] for i in capture_layers]
 
+    def _forward_fused(self, input_ids, batch: AttentionBatch, k_caches, v_caches, capture_layers):
+        """`forward` with the fused bf16 CPU kernels (tlt/engine/kernels): same math, same bf16 roundings,
+        ~8 calls per layer instead of ~40. Each layer's closing residual add is fused into the next
+        norm, so the residual stream is carried as (x, pending delta)."""
+        B, T = input_ids.shape
+        N = B * T
+        cfg = self.cfg
+        nh, kvh, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        positions = batch.positions.reshape(N).contiguous()
+        slots = positions if batch.slots is None else batch.slots.reshape(N).contiguous()
+        rows = batch.write_rows.reshape(N).contiguous()
+        # The kernel writes where rows/slots point: check the bounds once per pass, not per layer.
+        R, _, max_len, _ = k_caches[0].shape
+        if int(rows.max()) >= R or int(rows.min()) < 0 or int(slots.max()) >= max_len or int(slots.min()) < 0 \
+                or int(positions.max()) >= self.rope.cos.shape[0] or int(positions.min()) < 0:
+            raise IndexError("KV write outside the cache or position outside the rotary table")
+        mask = batch.mask
+        if mask is not None and mask.dtype == torch.bool:
+            if bool(mask.all()):
+                mask = None  # every key visible (e.g. batch 1 decode): the kernel's fast unmasked path
+            else:  # SDPA turns a bool mask into an additive one on every call: do it once here
+                mask = torch.zeros(mask.shape, dtype=torch.bfloat16).masked_fill_(~mask, float("-inf"))
+        cos, sin = self.rope.cos, self.rope.sin
+        x = self.embed(input_ids).view(N, -1)
+        rs = slice(batch.row_start, batch.row_start + B)
+        delta = None
+        captured = {}
+        for i, layer in enumerate(self.layers):
+            x, h = kernels.add_rms_norm(x, delta, layer.input_norm.weight, layer.input_norm.eps)
+            qkv = layer.qkv(h)
+            if layer.q_norm is not None:  # Qwen3: per-head q/k norm before rotary (torch ops)
+                qk, v = qkv.view(N, nh + 2 * kvh, d).split([nh + kvh, kvh], dim=1)
+                q, k = qk.split([nh, kvh], dim=1)
+                qkv = torch.cat([layer.q_norm(q), layer.k_norm(k), v], dim=1).view(N, -1)
+            q = kernels.rope_kv(qkv, cos, sin, positions, rows, slots, k_caches[i], v_caches[i], nh)
+            attn = F.scaled_dot_product_attention(
+                q.view(B, T, nh, d).transpose(1, 2), k_caches[i][rs, :, : batch.kv_len],
+                v_caches[i][rs, :, : batch.kv_len], attn_mask=mask, enable_gqa=True)  # [B, heads, T, D]
+            x, h = kernels.add_rms_norm(x, layer.o_proj(attn.transpose(1, 2).reshape(N, nh * d)),
+                                        layer.post_norm.weight, layer.post_norm.eps)
+            delta = layer.down(kernels.silu_mul(layer.gate_up(h)))
+            if i in capture_layers:
+                x, delta = x + delta, None  # bf16 add: the same rounding as the fused one
+                captured[i] = x.view(B, T, -1)
+        _, out = kernels.add_rms_norm(x, delta, self.norm.weight, self.norm.eps)
+        return out.view(B, T, -1), [captured[i] for i in capture_layers]
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[..., hidden] -> float32 logits [..., vocab]."""
         if self.head_packed is not None:
-            return packed_linear(hidden, self.head_packed, None).float()
+            return torch.ops.mkldnn._linear_pointwise(hidden, self.head_packed, None, "none", [], "").float()
         return F.linear(hidden, self.head_weight).float()
 
 

@@ -1,0 +1,115 @@
+"""Fused bf16 CPU kernels (tlt/engine/kernels): bit-equal to the torch ops they replace, written in
+transformers' rounding order, and the fused model forward close to the pure-torch one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tlt.engine import kernels
+from tlt.engine.models.rope import RotaryTable, apply_rotary
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="no C compiler: fused CPU kernels not built")
+
+
+def _assert_rounding_close(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Equal but for rare one-step bf16 rounding flips (float32 sums in another order)."""
+    diff = a != b
+    assert diff.float().mean() < 0.01
+    ulp = 2.0 ** (torch.floor(torch.log2(b.float().abs().clamp_min(1e-30))) - 7)
+    assert ((a.float() - b.float()).abs() <= 2 * ulp + 1e-30).all()
+
+
+def _hf_rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """LlamaRMSNorm in bf16, op by op as transformers writes it."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return w * h.to(x.dtype)
+
+
+@pytest.mark.parametrize("n", [1, 7, 64])
+def test_add_rms_norm_equals_torch(n):
+    g = torch.Generator().manual_seed(n)
+    x = (torch.randn(n, 576, generator=g) * 3).bfloat16()
+    d = torch.randn(n, 576, generator=g).bfloat16()
+    w = (torch.rand(576, generator=g) + 0.5).bfloat16()
+    x2, h = kernels.add_rms_norm(x, d, w, 1e-5)
+    assert torch.equal(x2, x + d)
+    _assert_rounding_close(h, _hf_rms_norm(x + d, w, 1e-5))
+    x3, h3 = kernels.add_rms_norm(x, None, w, 1e-5)
+    assert torch.equal(x3, x)
+    _assert_rounding_close(h3, _hf_rms_norm(x, w, 1e-5))
+
+
+def test_silu_mul_equals_torch():
+    g = torch.Generator().manual_seed(0)
+    gu = (torch.randn(33, 2 * 1536, generator=g) * 6).bfloat16()
+    gu[0, :4] = torch.tensor([0.0, -100.0, 100.0, float("nan")])
+    gate, up = gu.split(1536, dim=-1)
+    out = kernels.silu_mul(gu)
+    ref = F.silu(gate) * up
+    assert torch.equal(out[1:], ref[1:])
+    assert torch.equal(out[0, :3], ref[0, :3]) and torch.equal(out[0, 4:], ref[0, 4:])
+    assert out[0, 3].isnan() and ref[0, 3].isnan()
+
+
+def test_rope_kv_equals_torch_and_writes_only_its_slots():
+    g = torch.Generator().manual_seed(0)
+    nh, kvh, d, n, max_len = 6, 2, 32, 10, 64
+    table = RotaryTable(d, 10000.0, None, max_len, "cpu", torch.bfloat16)
+    qkv = torch.randn(n, (nh + 2 * kvh) * d, generator=g).bfloat16()
+    pos = torch.randint(0, max_len, (n,), generator=g)
+    rows = torch.arange(n) % 4
+    slots = torch.randperm(max_len, generator=g)[:n]  # tree nodes: slot != position
+    kc = torch.full((5, kvh, max_len, d), 7.0, dtype=torch.bfloat16)
+    vc = kc.clone()
+    q = kernels.rope_kv(qkv, table.cos, table.sin, pos, rows, slots, kc, vc, nh)
+    qk = qkv[:, : (nh + kvh) * d].view(n, 1, nh + kvh, d)
+    cos, sin = table.lookup(pos.view(n, 1))
+    ref = apply_rotary(qk, cos, sin).view(n, nh + kvh, d)
+    assert torch.equal(q, ref[:, :nh])
+    assert torch.equal(kc[rows, :, slots], ref[:, nh:])
+    assert torch.equal(vc[rows, :, slots], qkv[:, (nh + kvh) * d:].view(n, kvh, d))
+    written = torch.zeros(5, max_len, dtype=torch.bool)
+    written[rows, slots] = True
+    assert (kc.transpose(1, 2)[~written] == 7).all() and (vc.transpose(1, 2)[~written] == 7).all()
+
+
+def test_kernels_refuse_bad_tensors():
+    with pytest.raises(ValueError):
+        kernels.silu_mul(torch.randn(2, 8))  # float32
+    with pytest.raises(ValueError):
+        kernels.silu_mul(torch.randn(8, 2).bfloat16().t())  # not contiguous
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_fused_forward_matches_torch_forward(tiny_models, family):
+    """The whole bf16 forward (prefill then decode of a ragged batch): fused vs pure torch. They differ only
+    where the torch path's F.rms_norm skips transformers' intermediate rounding, so: close, not equal."""
+    import tlt
+
+    eng = tlt.Engine(model_path=tiny_models[family], dtype="bfloat16", random_seed=0)
+    try:
+        assert eng.model.fused_cpu
+        prompts = [[5, 9, 11, 3, 8, 2], [7, 1], [4, 4, 4, 9]]
+        sp = {"temperature": 0, "max_new_tokens": 6, "ignore_eos": True}
+        outs = {}
+        for fused in (True, False):
+            eng.model.fused_cpu = fused
+            res = eng.generate(input_ids=prompts, sampling_params=sp, return_logprob=True, logprob_start_len=0)
+            outs[fused] = res
+        for a, b in zip(outs[True], outs[False]):
+            la = [t[0] for t in a["meta_info"]["input_token_logprobs"][1:]]
+            lb = [t[0] for t in b["meta_info"]["input_token_logprobs"][1:]]
+            assert max(abs(u - v) for u, v in zip(la, lb)) < 0.1
+            # The first emitted token's logprob (same context on both paths).
+            first_a, first_b = a["meta_info"]["output_token_logprobs"][0], b["meta_info"]["output_token_logprobs"][0]
+            assert abs(first_a[0] - first_b[0]) < 0.1
+    finally:
+        eng.shutdown()
+
+
+def test_disabled_by_env(monkeypatch):
+    monkeypatch.setenv("TLT_CPU_KERNELS", "0")
+    assert not kernels.available()

@@ -1,0 +1,132 @@
+/* Fused bfloat16 CPU kernels for the decode step of tlt's decoder (see kernels/__init__.py).
+ *
+ * At decode time a 135M model's layer is ~40 tiny torch ops around 4 matmuls; on two cores the ops'
+ * dispatch and thread hand-offs cost as much as the matmuls. These three kernels replace them:
+ *   add_rms_norm  residual + delta -> new residual, and its RMSNorm (one pass)
+ *   rope_kv       rotary on q and k, k and v written into the paged-by-row KV cache
+ *   silu_mul      SwiGLU's silu(gate) * up
+ * Each rounds to bfloat16 where transformers' bf16 code rounds (after every torch op), so the result
+ * agrees with the torch path up to float32 summation order inside a reduction.
+ * Plain C, no torch headers: it builds in about a second with the system compiler.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+typedef uint16_t bf16;
+
+static inline float bf2f(bf16 h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* Round to nearest even, NaN -> canonical quiet NaN: c10::BFloat16's rounding. Branch-free, so that
+ * the loops below vectorise. */
+static inline bf16 f2bf(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    return (u & 0x7fffffffu) > 0x7f800000u ? (bf16)0x7fc0 : (bf16)rounded;
+}
+
+/* e^x to ~1 ulp of float (Cephes' expf: Cody-Waite reduction, degree-6 polynomial), vectorisable, unlike
+ * libm's expf. Only feeds a result rounded to bfloat16. */
+static inline float exp_approx(float x) {
+    const int overflow = x > 88.72283935546875f; /* expf overflows to inf there */
+    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);  /* NaN passes through */
+    /* Round to nearest integer by the 1.5 * 2^23 trick (|x * log2 e| < 2^22). */
+    float k = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    float r = x - k * 0.693359375f + k * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    uint32_t bits = (uint32_t)((int32_t)k + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, 4);
+    return overflow ? INFINITY : p * scale;
+}
+
+/* x_out[i] = bf16(x[i] + delta[i]) (delta may be NULL: x_out = x);
+ * out[i] = bf16(w[j] * bf16(x_out[i] * rsqrt(mean(x_out^2) + eps)))  -- LlamaRMSNorm in bf16. */
+void tlt_add_rms_norm(int64_t n, int64_t h, const bf16 *x, const bf16 *delta, bf16 *x_out, bf16 *out,
+                      const bf16 *w, float eps) {
+    for (int64_t r = 0; r < n; r++) {
+        const bf16 *xr = x + r * h;
+        bf16 *xo = x_out + r * h, *o = out + r * h;
+        float ss = 0.f;
+        if (delta) {
+            const bf16 *dr = delta + r * h;
+#pragma omp simd reduction(+ : ss)
+            for (int64_t j = 0; j < h; j++) {
+                bf16 s = f2bf(bf2f(xr[j]) + bf2f(dr[j]));
+                xo[j] = s;
+                float v = bf2f(s);
+                ss += v * v;
+            }
+        } else {
+#pragma omp simd reduction(+ : ss)
+            for (int64_t j = 0; j < h; j++) {
+                float v = bf2f(xr[j]);
+                xo[j] = xr[j];
+                ss += v * v;
+            }
+        }
+        float scale = 1.f / sqrtf(ss / (float)h + eps);
+#pragma omp simd
+        for (int64_t j = 0; j < h; j++) o[j] = f2bf(bf2f(w[j]) * bf2f(f2bf(bf2f(xo[j]) * scale)));
+    }
+}
+
+/* One token t in [0, n): qkv[t] = [q (nh*d) | k (kvh*d) | v (kvh*d)].
+ * q_out[t] = rotary(q); cache[row[t], head, slot[t], :] = rotary(k) / v.
+ * Rotary as transformers' rotate_half: x*cos + [-x2, x1]*sin, each product and the sum rounded.
+ * cos/sin: tables [max_pos, d]; pos[t] picks the row. Cache layout [rows, kvh, max_len, d]. */
+void tlt_rope_kv(int64_t n, int64_t nh, int64_t kvh, int64_t d, const bf16 *qkv, const bf16 *cos_t,
+                 const bf16 *sin_t, const int64_t *pos, const int64_t *row, const int64_t *slot, bf16 *q_out,
+                 bf16 *k_cache, bf16 *v_cache, int64_t max_len) {
+    const int64_t half = d / 2, width = (nh + 2 * kvh) * d;
+    for (int64_t t = 0; t < n; t++) {
+        const bf16 *src = qkv + t * width;
+        const bf16 *c = cos_t + pos[t] * d, *s = sin_t + pos[t] * d;
+        for (int64_t hd = 0; hd < nh + kvh; hd++) {
+            const bf16 *x = src + hd * d;
+            bf16 *dst = hd < nh ? q_out + (t * nh + hd) * d
+                                : k_cache + ((row[t] * kvh + (hd - nh)) * max_len + slot[t]) * d;
+#pragma omp simd
+            for (int64_t j = 0; j < half; j++) {
+                float a = bf2f(f2bf(bf2f(x[j]) * bf2f(c[j])));
+                float b = bf2f(f2bf(-bf2f(x[j + half]) * bf2f(s[j])));
+                dst[j] = f2bf(a + b);
+            }
+#pragma omp simd
+            for (int64_t j = half; j < d; j++) {
+                float a = bf2f(f2bf(bf2f(x[j]) * bf2f(c[j])));
+                float b = bf2f(f2bf(bf2f(x[j - half]) * bf2f(s[j])));
+                dst[j] = f2bf(a + b);
+            }
+        }
+        for (int64_t hd = 0; hd < kvh; hd++)
+            memcpy(v_cache + ((row[t] * kvh + hd) * max_len + slot[t]) * d, src + (nh + kvh + hd) * d,
+                   (size_t)d * sizeof(bf16));
+    }
+}
+
+/* gate_up[r] = [gate (m) | up (m)] -> out[r] = bf16(bf16(silu(gate)) * up). */
+void tlt_silu_mul(int64_t n, int64_t m, const bf16 *gate_up, bf16 *out) {
+    for (int64_t r = 0; r < n; r++) {
+        const bf16 *g = gate_up + r * 2 * m, *u = g + m;
+        bf16 *o = out + r * m;
+#pragma omp simd
+        for (int64_t j = 0; j < m; j++) {
+            float x = bf2f(g[j]);
+            float act = bf2f(f2bf(x / (1.f + exp_approx(-x))));
+            o[j] = f2bf(act * bf2f(u[j]));
+        }
+    }
+}
