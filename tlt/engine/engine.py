@@ -30,7 +30,7 @@ from tlt.engine import weight_sync
 from tlt.engine.config import EngineConfig
 from tlt.engine.detokenize import Detokenizer
 from tlt.engine.kv_cache import KVCache
-from tlt.engine.models.decoder import DecoderLM, Linear
+from tlt.engine.models.decoder import DecoderLM
 from tlt.engine.models.model_config import ModelConfig
 from tlt.engine.models.weights import (
     HFWeights,
@@ -428,10 +428,7 @@ class Engine:
         return set(tags)
 
     def _offload_weights(self) -> None:
-        for m in self.model.modules():
-            if isinstance(m, Linear):
-                m.pack(False)
-        self.model.head_packed = None
+        self.model.pack_weights(enabled=False)
         if self.device.type != "cuda":
             return
         modules = [self.model] + ([self.spec.drafter] if self.spec is not None else [])

@@ -17,6 +17,11 @@ from tlt.engine import kernels
 from tlt.engine.models.model_config import ModelConfig
 from tlt.engine.models.rope import RotaryTable, apply_rotary
 
+try:  # x, packed W, bias, "none", [], "": the oneDNN linear on a pre-packed weight (CPU builds with oneDNN)
+    _LINEAR = torch.ops.mkldnn._linear_pointwise.default
+except (AttributeError, RuntimeError):
+    _LINEAR = None
+
 # Above this many tokens in one pass (a long prefill) the two-thread torch ops win over the
 # single-threaded fused kernels.
 FUSED_MAX_TOKENS = 512
@@ -167,6 +172,7 @@ class DecoderLM(nn.Module):
         self.max_positions = max_positions
         self.rope: RotaryTable | None = None
         self.fused_cpu = False  # bf16 on CPU with the fused kernels built (set by pack_weights)
+        self._fused_layers: list[tuple] | None = None
 
     def build_rope(self) -> None:
         """(Re)build the cos/sin tables on the module's device and dtype."""
@@ -174,15 +180,24 @@ class DecoderLM(nn.Module):
         c = self.cfg
         self.rope = RotaryTable(c.head_dim, c.rope_theta, c.rope_scaling, self.max_positions, w.device, w.dtype)
 
-    def pack_weights(self) -> None:
-        """(Re)build pre-packed weight copies where the device and dtype profit; call after any update."""
+    def pack_weights(self, enabled: bool | None = None) -> None:
+        """(Re)build pre-packed weight copies where the device and dtype profit; call after any update.
+        `enabled=False` drops them (weights about to leave the device)."""
         w = self.embed.weight
-        enabled = cpu_packing_supported(w.dtype, w.device)
+        if enabled is None:
+            enabled = cpu_packing_supported(w.dtype, w.device)
         for m in self.modules():
             if isinstance(m, Linear):
                 m.pack(enabled)
         self.head_packed = torch.ops.mkldnn._reorder_linear_weight(self.head_weight.detach()) if enabled else None
-        self.fused_cpu = w.device.type == "cpu" and w.dtype == torch.bfloat16 and kernels.available()
+        self.fused_cpu = bool(enabled) and _LINEAR is not None and w.dtype == torch.bfloat16 and kernels.available()
+        # The fused path reads each layer's tensors from one flat tuple: no nn.Module lookups per call.
+        self._fused_layers = [
+            (layer.input_norm.weight, layer.input_norm.eps, layer.qkv.packed, layer.qkv.bias, layer.q_norm,
+             layer.k_norm, layer.o_proj.packed, layer.post_norm.weight, layer.post_norm.eps, layer.gate_up.packed,
+             layer.down.packed)
+            for layer in self.layers
+        ] if self.fused_cpu else None
 
     @property
     def head_weight(self) -> torch.Tensor:
@@ -230,22 +245,25 @@ class DecoderLM(nn.Module):
         cos, sin = self.rope.cos, self.rope.sin
         x = self.embed(input_ids).view(N, -1)
         rs = slice(batch.row_start, batch.row_start + B)
+        kv_len = batch.kv_len
         delta = None
         captured = {}
-        for i, layer in enumerate(self.layers):
-            x, h = kernels.add_rms_norm(x, delta, layer.input_norm.weight, layer.input_norm.eps)
-            qkv = layer.qkv(h)
-            if layer.q_norm is not None:  # Qwen3: per-head q/k norm before rotary (torch ops)
+        linear = _LINEAR
+        for i, (in_w, in_eps, qkv_w, qkv_b, q_norm, k_norm, o_w, post_w, post_eps, gu_w, down_w) in \
+                enumerate(self._fused_layers):
+            x, h = kernels.add_rms_norm(x, delta, in_w, in_eps)
+            qkv = linear(h, qkv_w, qkv_b, "none", [], "")
+            if q_norm is not None:  # Qwen3: per-head q/k norm before rotary (torch ops)
                 qk, v = qkv.view(N, nh + 2 * kvh, d).split([nh + kvh, kvh], dim=1)
                 q, k = qk.split([nh, kvh], dim=1)
-                qkv = torch.cat([layer.q_norm(q), layer.k_norm(k), v], dim=1).view(N, -1)
+                qkv = torch.cat([q_norm(q), k_norm(k), v], dim=1).view(N, -1)
             q = kernels.rope_kv(qkv, cos, sin, positions, rows, slots, k_caches[i], v_caches[i], nh)
             attn = F.scaled_dot_product_attention(
-                q.view(B, T, nh, d).transpose(1, 2), k_caches[i][rs, :, : batch.kv_len],
-                v_caches[i][rs, :, : batch.kv_len], attn_mask=mask, enable_gqa=True)  # [B, heads, T, D]
-            x, h = kernels.add_rms_norm(x, layer.o_proj(attn.transpose(1, 2).reshape(N, nh * d)),
-                                        layer.post_norm.weight, layer.post_norm.eps)
-            delta = layer.down(kernels.silu_mul(layer.gate_up(h)))
+                q.view(B, T, nh, d).transpose(1, 2), k_caches[i][rs, :, :kv_len], v_caches[i][rs, :, :kv_len],
+                attn_mask=mask, enable_gqa=True)  # [B, heads, T, D]
+            attn = linear(attn.transpose(1, 2).reshape(N, nh * d), o_w, None, "none", [], "")
+            x, h = kernels.add_rms_norm(x, attn, post_w, post_eps)
+            delta = linear(kernels.silu_mul(linear(h, gu_w, None, "none", [], "")), down_w, None, "none", [], "")
             if i in capture_layers:
                 x, delta = x + delta, None  # bf16 add: the same rounding as the fused one
                 captured[i] = x.view(B, T, -1)
