@@ -113,3 +113,15 @@ def test_fused_forward_matches_torch_forward(tiny_models, family):
 def test_disabled_by_env(monkeypatch):
     monkeypatch.setenv("TLT_CPU_KERNELS", "0")
     assert not kernels.available()
+
+
+def test_argmax_equals_torch_on_ties_and_nan():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(9, 5000, generator=g)
+    x[1, [10, 20]] = 50.0  # tie: the first index wins
+    x[2, [30, 40]] = float("nan")  # NaN is the maximum, the first one wins
+    x[3] = 0.0
+    x[4, -1] = float("inf")
+    x[5] = float("-inf")
+    assert torch.equal(kernels.argmax(x), x.argmax(dim=-1))
+    assert kernels.argmax(x)[1] == 10 and kernels.argmax(x)[2] == 30

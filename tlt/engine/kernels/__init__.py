@@ -27,7 +27,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 _SRC = os.path.join(os.path.dirname(__file__), "cpu_kernels.c")
-_FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp-simd", "-ffp-contract=off", "-shared", "-fPIC"]
+_FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC"]
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
@@ -37,6 +37,7 @@ _SIGNATURES = {
     "tlt_add_rms_norm": [_i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _f32],
     "tlt_rope_kv": [_i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64],
     "tlt_silu_mul": [_i64, _i64, _ptr, _ptr],
+    "tlt_argmax_f32": [_i64, _i64, _ptr, _ptr],
 }
 
 
@@ -108,6 +109,8 @@ def available() -> bool:
 
 
 def _check(*tensors: torch.Tensor) -> None:
+    if _lib is None and not available():
+        raise RuntimeError("fused CPU kernels are not available (no C compiler, or TLT_CPU_KERNELS=0)")
     for t in tensors:
         if t.dtype != torch.bfloat16 or t.device.type != "cpu" or not t.is_contiguous():
             raise ValueError(f"fused CPU kernels need contiguous bfloat16 CPU tensors, got {t.dtype} "
@@ -151,4 +154,14 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     n, two_m = gate_up.shape
     out = torch.empty((n, two_m // 2), dtype=gate_up.dtype)
     _lib.tlt_silu_mul(n, two_m // 2, gate_up.data_ptr(), out.data_ptr())
+    return out
+
+
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """First index of the row maximum of a contiguous float32 CPU x [n, v] -> int64 [n] (NaN wins, as torch)."""
+    _check()
+    if x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous() or x.dim() != 2:
+        raise ValueError("argmax kernel needs a contiguous float32 CPU [n, v] tensor")
+    out = torch.empty(x.shape[0], dtype=torch.int64)
+    _lib.tlt_argmax_f32(x.shape[0], x.shape[1], x.data_ptr(), out.data_ptr())
     return out

@@ -15,6 +15,11 @@
 
 typedef uint16_t bf16;
 
+/* Below this many elements a kernel runs on the calling thread: waking the pool costs more. The library
+ * is built with -fopenmp and needs libgomp.so.1; the loader hands it the copy torch has already loaded
+ * (same soname), so the parallel loops run on torch's own threads, not on a second pool. */
+#define PAR_MIN 16384
+
 static inline float bf2f(bf16 h) {
     uint32_t u = (uint32_t)h << 16;
     float f;
@@ -56,6 +61,7 @@ static inline float exp_approx(float x) {
  * out[i] = bf16(w[j] * bf16(x_out[i] * rsqrt(mean(x_out^2) + eps)))  -- LlamaRMSNorm in bf16. */
 void tlt_add_rms_norm(int64_t n, int64_t h, const bf16 *x, const bf16 *delta, bf16 *x_out, bf16 *out,
                       const bf16 *w, float eps) {
+#pragma omp parallel for schedule(static) if (n * h >= PAR_MIN)
     for (int64_t r = 0; r < n; r++) {
         const bf16 *xr = x + r * h;
         bf16 *xo = x_out + r * h, *o = out + r * h;
@@ -91,6 +97,7 @@ void tlt_rope_kv(int64_t n, int64_t nh, int64_t kvh, int64_t d, const bf16 *qkv,
                  const bf16 *sin_t, const int64_t *pos, const int64_t *row, const int64_t *slot, bf16 *q_out,
                  bf16 *k_cache, bf16 *v_cache, int64_t max_len) {
     const int64_t half = d / 2, width = (nh + 2 * kvh) * d;
+#pragma omp parallel for schedule(static) if (n * width >= PAR_MIN)
     for (int64_t t = 0; t < n; t++) {
         const bf16 *src = qkv + t * width;
         const bf16 *c = cos_t + pos[t] * d, *s = sin_t + pos[t] * d;
@@ -119,6 +126,7 @@ void tlt_rope_kv(int64_t n, int64_t nh, int64_t kvh, int64_t d, const bf16 *qkv,
 
 /* gate_up[r] = [gate (m) | up (m)] -> out[r] = bf16(bf16(silu(gate)) * up). */
 void tlt_silu_mul(int64_t n, int64_t m, const bf16 *gate_up, bf16 *out) {
+#pragma omp parallel for schedule(static) if (n * m >= PAR_MIN)
     for (int64_t r = 0; r < n; r++) {
         const bf16 *g = gate_up + r * 2 * m, *u = g + m;
         bf16 *o = out + r * m;
@@ -128,5 +136,29 @@ void tlt_silu_mul(int64_t n, int64_t m, const bf16 *gate_up, bf16 *out) {
             float act = bf2f(f2bf(x / (1.f + exp_approx(-x))));
             o[j] = f2bf(act * bf2f(u[j]));
         }
+    }
+}
+
+/* First index of the maximum of each row of x [n, v] (float32), as torch's argmax: NaN counts as the
+ * maximum (the first NaN wins). Parallel over rows; torch's CPU reduction here is single-threaded. */
+void tlt_argmax_f32(int64_t n, int64_t v, const float *x, int64_t *out) {
+#pragma omp parallel for schedule(static) if (n * v >= 4 * PAR_MIN)
+    for (int64_t r = 0; r < n; r++) {
+        const float *xr = x + r * v;
+        float best = -INFINITY;
+        int has_nan = 0;
+#pragma omp simd reduction(max : best) reduction(| : has_nan)
+        for (int64_t j = 0; j < v; j++) {
+            best = xr[j] > best ? xr[j] : best;
+            has_nan |= xr[j] != xr[j];
+        }
+        int64_t idx = 0;
+        for (int64_t j = 0; j < v; j++) {
+            if (has_nan ? xr[j] != xr[j] : xr[j] == best) {
+                idx = j;
+                break;
+            }
+        }
+        out[r] = idx;
     }
 }
