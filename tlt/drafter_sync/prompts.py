@@ -11,10 +11,32 @@ SUBJECTS = [
     "the alphabet", "electricity", "friendship", "mountains", "the Renaissance", "computers", "clouds",
     "gardening", "money", "sleep", "pyramids", "snowflakes", "trains", "the periodic table", "whales",
     "time zones", "batteries", "languages",
+    # More subjects: the drafter learns the target's style, and 40 subjects made it memorise them.
+    "penguins", "the Amazon rainforest", "windmills", "lighthouses", "the violin", "origami", "submarines",
+    "bees' dances", "the Sahara desert", "maple syrup", "the Moon's phases", "bridges", "kites", "castles",
+    "the postal service", "libraries", "thunderstorms", "volleyball", "telescopes", "magnets", "octopuses",
+    "the compass", "cheese making", "hot air balloons", "elephants", "deserts", "the calendar", "rice farming",
+    "the first airplanes", "museums", "robots", "fireworks", "the Nile", "carpentry", "sharks", "umbrellas",
+    "the metric system", "ancient Greece", "the Silk Road", "butterflies", "mushrooms", "lakes", "tornadoes",
+    "the guitar", "soap", "bicycles in cities", "the telephone", "satellites", "frogs", "wolves", "tea ceremonies",
+    "the Arctic", "sailing", "knitting", "pizza", "the piano", "volunteering", "maps", "comets", "ants",
+    "the human skeleton", "rain", "wind energy", "board games", "the camera", "spiders", "the Vikings",
+    "composting", "deep sea fish", "birds' migration", "the Eiffel Tower", "chocolate", "glass making",
+    "the Amazon river", "ice cream", "saving money", "public speaking", "learning to swim", "camping",
+    "the solar system", "memory", "habits", "teamwork", "cooking pasta", "first aid", "the seasons",
+    "bamboo", "parrots", "hedgehogs", "the Industrial Revolution", "paper", "salt", "sunflowers", "dolphins",
+    "rock climbing", "marathons", "yoga", "the bicycle helmet", "typewriters", "clocks", "canals", "islands",
+    "caves", "fossils", "the desert tortoise", "recycling plastic", "wildfires", "beavers", "sound waves",
+    "light", "rainforests", "weather forecasts", "the wheel", "the ballet", "poetry", "theatre", "movies",
+    "the radio", "email", "passwords", "spreadsheets", "video games", "social media", "electric guitars",
 ]
 TEMPLATES = [
     "What are {s}?", "Tell me about {s}.", "Why are {s} important?", "Give two fun facts about {s}.",
     "Summarize what you know about {s} in a few sentences.", "How would you explain {s} to a child?",
+    "Write a short poem about {s}.", "What is a common misconception about {s}?", "Compare {s} and {t}.",
+    "Write a paragraph for a school report on {s}.", "What would the world be like without {s}?",
+    "Give me three questions a curious student might ask about {s}, and answer them.",
+    "Write a friendly note to a friend describing {s}.", "What are the pros and cons of {s}?",
 ]
 
 
@@ -33,7 +55,8 @@ def arithmetic_prompts(n: int, seed: int) -> list[str]:
 
 def training_prompts(n: int, seed: int = 0) -> list[str]:
     """n user messages: general questions and arithmetic word problems, shuffled deterministically."""
-    general = [t.format(s=s) for s in SUBJECTS for t in TEMPLATES]
+    other = SUBJECTS[7:] + SUBJECTS[:7]  # "{t}": a second subject for the comparison template
+    general = [t.format(s=s, t=o) for s, o in zip(SUBJECTS, other) for t in TEMPLATES]
     pool = general + arithmetic_prompts(len(general) // 3, seed)
     random.Random(seed).shuffle(pool)
     return [pool[i % len(pool)] for i in range(n)]
