@@ -576,11 +576,13 @@ class GRPOTrainer:
                 "seconds": time.perf_counter() - t}
 
     def _line(self, r: StepRecord) -> str:
+        """The per-step progress line."""
         acc = f"accept {r.accept_len:.2f}" if r.accept_len is not None else "accept   -  "
         tag = f"[{self.label}] " if self.label else ""
         return (f"{tag}step {r.step}/{self.cfg.steps}  reward {r.reward_mean:.3f}  rollout {r.rollout_s:5.1f} s "
                 f"(tail {r.tail_s:4.1f} s)  train {r.train_s:5.1f} s  push {r.push_s:.1f} s  "
-                f"{r.tokens} tok  {acc}  drafter {r.drafter_version or '-'}  loss {r.loss:+.4f}  "
+                f"{r.tokens} tok  {acc}  arms {_arm_mix(r.arm_stats)}  drafter {r.drafter_version or '-'}  "
+                f"loss {r.loss:+.4f}  "
                 f"clip {r.clip_frac:.3f}"
                 + ("" if r.lossless_check is None else
                    f"  replay without spec: {'identical' if r.lossless_check['identical'] else 'DIFFERENT'}"))
@@ -695,3 +697,12 @@ def compare_rollouts(a: list[StepRecord], b: list[StepRecord], group_size: int, 
             elif lp_diff > 0:
                 cause = f"step {ra.step}'s rollout log-probs differed by up to {lp_diff:.1e}"
     return out
+
+
+def _arm_mix(arm_stats: dict) -> str:
+    """Share of decode rounds per arm, e.g. 'plain 62% s3k1n4 38%' ('-' without speculation stats)."""
+    rounds = arm_stats.get("spec_rounds_by_arm") or {}
+    total = sum(rounds.values())
+    if not total:
+        return "-"
+    return " ".join(f"{name} {100 * n / total:.0f}%" for name, n in sorted(rounds.items(), key=lambda kv: -kv[1]))

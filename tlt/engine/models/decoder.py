@@ -97,11 +97,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != torch.float32:
-            # One dispatch instead of eight; reduced-precision outputs are not compared bit for bit.
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x
+        # transformers' LlamaRMSNorm op for op: normalise in float32, round to the input dtype, then scale.
+        # (F.rms_norm is one dispatch but skips that rounding: 1 in 4 bf16 outputs differed by a step.)
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
 
 
 class DecoderLayer(nn.Module):
@@ -121,6 +121,9 @@ class DecoderLayer(nn.Module):
         self.gate_up = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
         self.intermediate = cfg.intermediate_size
+        # Use the fused bf16 CPU kernels in `forward` (the drafter's layer; the target's layers are driven
+        # by DecoderLM._forward_fused instead). Set by the owner's pack_weights.
+        self.fused = False
 
     def qkv_rotated(self, x, cos, sin):
         """x [B, T, H] -> q [B, T, heads, D], k and v [B, T, kv_heads, D] (rotary applied)."""
@@ -147,6 +150,8 @@ class DecoderLayer(nn.Module):
         return x + self.down(F.silu(gate) * up)
 
     def forward(self, x, cos, sin, k_cache, v_cache, batch: AttentionBatch):
+        if self.fused and x.shape[0] * x.shape[1] <= FUSED_MAX_TOKENS:
+            return self._forward_fused(x, cos, sin, k_cache, v_cache, batch)
         q, k, v = self.qkv_rotated(x, cos, sin)
         # cache layout [rows, kv_heads, max_len, head_dim]: a batch's keys are a strided view, no gather.
         slots = batch.positions if batch.slots is None else batch.slots
@@ -156,6 +161,31 @@ class DecoderLayer(nn.Module):
         keys = k_cache[rows, :, : batch.kv_len]  # [B, kv_heads, L, D]
         values = v_cache[rows, :, : batch.kv_len]
         return self.attend_and_mlp(x, q, keys, values, batch.mask)
+
+
+    def _forward_fused(self, x, cos, sin, k_cache, v_cache, batch: AttentionBatch):
+        """`forward` with the fused bf16 CPU kernels (see DecoderLM._forward_fused); cos/sin [B, T, D] are
+        handed to the rotary kernel as a per-token table."""
+        B, T, H = x.shape
+        N = B * T
+        nh, d = self.num_heads, self.head_dim
+        slots = (batch.positions if batch.slots is None else batch.slots).reshape(N).contiguous()
+        rows = batch.write_rows.reshape(N).contiguous()
+        R, _, max_len, _ = k_cache.shape
+        if int(rows.max()) >= R or int(rows.min()) < 0 or int(slots.max()) >= max_len or int(slots.min()) < 0:
+            raise IndexError("KV write outside the cache")
+        x = x.reshape(N, H).contiguous()
+        _, h = kernels.add_rms_norm(x, None, self.input_norm.weight, self.input_norm.eps)
+        token = torch.arange(N, device=x.device)
+        q = kernels.rope_kv(self.qkv(h), cos.reshape(N, d).contiguous(), sin.reshape(N, d).contiguous(), token,
+                            rows, slots, k_cache, v_cache, nh)
+        rs = slice(batch.row_start, batch.row_start + B)
+        attn = F.scaled_dot_product_attention(
+            q.view(B, T, nh, d).transpose(1, 2), k_cache[rs, :, : batch.kv_len], v_cache[rs, :, : batch.kv_len],
+            attn_mask=batch.mask, enable_gqa=True)
+        x, h = kernels.add_rms_norm(x, self.o_proj(attn.transpose(1, 2).reshape(N, nh * d)), self.post_norm.weight,
+                                    self.post_norm.eps)
+        return (x + self.down(kernels.silu_mul(self.gate_up(h)))).view(B, T, H)
 
 
 class DecoderLM(nn.Module):

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from tlt.engine import kernels
 from tlt.engine.models.decoder import AttentionBatch, DecoderLayer, Linear, RMSNorm, cpu_packing_supported
 from tlt.engine.models.model_config import ModelConfig
 
@@ -86,6 +87,7 @@ class EagleDrafter(nn.Module):
         for m in self.modules():
             if isinstance(m, Linear):
                 m.pack(enabled)
+        self.layer.fused = enabled and w.dtype == torch.bfloat16 and kernels.available()
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str) -> None:
