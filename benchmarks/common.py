@@ -37,7 +37,25 @@ def machine() -> dict:
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "commit": _git_commit(),
+        # Other processes on the machine when the run ended (1/5/15-minute load averages).
+        "load_avg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
+
+
+def _git_commit() -> str | None:
+    """The checked-out commit (+ '-dirty' with uncommitted changes to tracked files), None outside git."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("-dirty" if dirty else "")
 
 
 def write_json(path: str | None, data: dict) -> None:
