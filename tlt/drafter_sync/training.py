@@ -275,20 +275,27 @@ def train_drafter(drafter: EagleDrafter, embed, rope, data: list[dict], *, steps
 
 
 def build_dataset(engine, prompts: list[str], max_new_tokens: int, draft_vocab_size: int,
-                  log: Callable[[str], None] = print) -> tuple[list[dict], torch.Tensor, dict]:
+                  log: Callable[[str], None] = print, chunk: int = 256) -> tuple[list[dict], torch.Tensor, dict]:
     """Generate with the engine (half greedy, half T=1), then target features and labels."""
     tok = engine.tokenizer
     ids = [tok.encode(tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                               add_generation_prompt=True)) for p in prompts]
     t0 = time.perf_counter()
     half = len(ids) // 2
-    outs = []
-    if half:
-        outs += engine.generate(input_ids=ids[:half], sampling_params={"temperature": 0,
-                                                                       "max_new_tokens": max_new_tokens})
-    outs += engine.generate(input_ids=ids[half:], sampling_params={"temperature": 1.0, "top_p": 0.95,
-                                                                   "max_new_tokens": max_new_tokens,
-                                                                   "sampling_seed": 0})
+    greedy = {"temperature": 0, "max_new_tokens": max_new_tokens}
+    sampled = {"temperature": 1.0, "top_p": 0.95, "max_new_tokens": max_new_tokens, "sampling_seed": 0}
+    outs: list[dict] = []
+    n_tok = 0
+    # In chunks, with a progress line after each: generating for thousands of prompts takes minutes.
+    for start in range(0, len(ids), chunk):
+        end = min(start + chunk, len(ids))
+        for a, b, sp in ((start, min(end, half), greedy), (max(start, half), end, sampled)):
+            if a < b:
+                res = engine.generate(input_ids=ids[a:b], sampling_params=sp)
+                outs += res
+                n_tok += sum(len(o["output_ids"]) for o in res)
+        dt = time.perf_counter() - t0
+        log(f"  generated for {end}/{len(ids)} prompts: {n_tok} tokens, {n_tok / dt:.0f} tok/s, {dt:.0f}s")
     seqs = [p + o["output_ids"] for p, o in zip(ids, outs)]
     n_gen = sum(len(o["output_ids"]) for o in outs)
     log(f"  generated {n_gen} tokens for {len(ids)} prompts in {time.perf_counter() - t0:.1f}s")
