@@ -77,6 +77,15 @@ class SamplingBatch:
     greedy: torch.Tensor  # [B] bool
     all_greedy: bool
     needs_truncation: bool  # some row has top-k / top-p / min-p
+    truncates: torch.Tensor | None = None  # [B] bool: this row samples with top-k / top-p / min-p
+
+    def select(self, rows: torch.Tensor) -> SamplingBatch:
+        """The settings of a subset of rows (a new batch of len(rows) rows)."""
+        truncates = None if self.truncates is None else self.truncates[rows]
+        greedy = self.greedy[rows]
+        return SamplingBatch(self.temperature[rows], self.top_k[rows], self.top_p[rows], self.min_p[rows], greedy,
+                             bool(greedy.all()),
+                             self.needs_truncation if truncates is None else bool(truncates.any()), truncates)
 
 
 def build_sampling_batch(params_list, vocab_size: int, device) -> SamplingBatch:
@@ -86,8 +95,8 @@ def build_sampling_batch(params_list, vocab_size: int, device) -> SamplingBatch:
     top_k = [vocab_size if (p.top_k == -1 or p.top_k >= vocab_size) else p.top_k for p in params_list]
     top_p = [float(p.top_p) for p in params_list]
     min_p = [float(p.min_p) for p in params_list]
-    needs = any(not g and (k < vocab_size or tp < 1.0 or mp > 0.0)
-                for g, k, tp, mp in zip(greedy, top_k, top_p, min_p))
+    truncates = [not g and (k < vocab_size or tp < 1.0 or mp > 0.0)
+                 for g, k, tp, mp in zip(greedy, top_k, top_p, min_p)]
     return SamplingBatch(
         temperature=torch.tensor(temps, dtype=torch.float32, device=device),
         top_k=torch.tensor(top_k, dtype=torch.int64, device=device),
@@ -95,7 +104,8 @@ def build_sampling_batch(params_list, vocab_size: int, device) -> SamplingBatch:
         min_p=torch.tensor(min_p, dtype=torch.float32, device=device),
         greedy=torch.tensor(greedy, dtype=torch.bool, device=device),
         all_greedy=all(greedy),
-        needs_truncation=needs,
+        needs_truncation=any(truncates),
+        truncates=torch.tensor(truncates, dtype=torch.bool, device=device),
     )
 
 
@@ -173,12 +183,25 @@ def sample(logits: torch.Tensor, sb: SamplingBatch, uniforms: torch.Tensor,
     greedy_tok = first_argmax(logits)
     if sb.all_greedy:
         return greedy_tok, logprobs
-    probs = warped_probs(scaled, sb)
-    drawn = inverse_cdf(probs, uniforms)
+    # Each sampled row is drawn once, by its own rule: full-vocabulary work only for the rows that need it
+    # (a speculative round samples [rows x tree nodes] rows, every one with Gumbel noise).
+    drawn = greedy_tok.clone()
+    noisy = torch.zeros_like(sb.greedy)
     if gumbel is not None and len(gumbel[0]):
         rows, noise = gumbel
-        kept = probs[rows] > 0
-        # argmax(log p + g) = argmax(scaled + g): the log-normaliser is constant per row.
-        perturbed = torch.where(kept, scaled[rows] + noise, torch.full_like(noise, float("-inf")))
-        drawn[rows] = first_argmax(perturbed)
+        noisy[rows] = True
+        perturbed = scaled[rows]  # a copy
+        sub = sb.select(rows)
+        if sub.needs_truncation:  # tokens outside the kept set can never win
+            perturbed.masked_fill_(warped_probs(perturbed, sub) == 0, float("-inf"))
+        # argmax(log p + g) = argmax(scaled + g): the log-normaliser is constant per row. (Without truncation
+        # no mask is needed: a token loses to the row's best unless its logit gap is below the Gumbel
+        # noise's range (< 40 here); tokens whose probability underflows to 0 are > 87 behind.)
+        drawn[rows] = first_argmax(perturbed.add_(noise))
+    cdf_rows = (~sb.greedy & ~noisy).nonzero().squeeze(1)
+    if len(cdf_rows):
+        if len(cdf_rows) == len(drawn):
+            drawn = inverse_cdf(warped_probs(scaled, sb), uniforms)
+        else:
+            drawn[cdf_rows] = inverse_cdf(warped_probs(scaled[cdf_rows], sb.select(cdf_rows)), uniforms[cdf_rows])
     return torch.where(sb.greedy, greedy_tok, drawn), logprobs
