@@ -156,3 +156,33 @@ def test_policy_update_ages_data_out(target_dir, drafter_dir):
     e.generate(input_ids=PROMPTS[:1], sampling_params=GREEDY)
     assert two.on_policy_update("3")["aged_out"] == 1 and two.stats()["buffer"]["versions"] == ["2", "3"]
     e.shutdown()
+
+
+def test_publish_gate_keeps_a_worse_drafter_out(target_dir, drafter_dir, reference):
+    """With `holdout_every`, a version is published only if it does at least as well as the serving one on
+    held-out records: a trained drafter passes, a ruined one is refused and the engine keeps the old one."""
+    e = spec_engine(target_dir, drafter_dir)
+    od = OnlineDrafter(e, drafter_dir, batch_size=4, window=40, lr=3e-3, warmup_steps=2, holdout_every=3)
+    # Greedy n=4: four equal samples per prompt, so held-out records repeat training ones (a tiny random
+    # target's outputs do not generalise across prompts; held-out prompts would score 0 for every drafter).
+    e.generate(input_ids=PROMPTS, sampling_params={**GREEDY, "n": 4})
+    assert len(od.holdout) == 5 and len(od.buffer) == 11  # every 3rd of the 16 records held out
+    held = {tuple(r["tokens"].tolist()) for r in od.holdout.sample(50, torch.Generator().manual_seed(0))}
+    trained = {tuple(r["tokens"].tolist()) for r in od.buffer.sample(200, torch.Generator().manual_seed(0))}
+    assert held <= trained
+
+    res = od.train_idle(max_steps=60)
+    gate = od.last_gate
+    assert res["published"] == "online-1" and gate["candidate"] >= gate["serving"] + 0.5, gate
+    with torch.no_grad():  # ruin the drafter being trained
+        for p in od.drafter.parameters():
+            if p.is_floating_point():
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 3)
+    assert od.spot.train_step() is not None
+    assert od.publish() is None and od.gate_rejections == 1
+    assert od.last_gate["candidate"] < od.last_gate["serving"]
+    assert e.get_model_info()["drafter_version"] == "online-1"  # the good version keeps serving
+    out = e.generate(input_ids=PROMPTS, sampling_params=GREEDY)
+    assert [o["output_ids"] for o in out] == reference
+    assert od.stats()["gate_rejections"] == 1
+    e.shutdown()

@@ -10,6 +10,7 @@ the drafter's data and its target changed with them.
 from __future__ import annotations
 
 import copy
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -19,9 +20,11 @@ import torch
 from tlt.drafter_sync.buffer import DrafterDataBuffer
 from tlt.drafter_sync.publish import DrafterPublisher
 from tlt.drafter_sync.trainer import SpotTrainer
-from tlt.drafter_sync.training import DrafterTrainer, TrainerConfig
+from tlt.drafter_sync.training import DrafterBatch, DrafterTrainer, TrainerConfig, collate, ttt_loss
 from tlt.engine.models.rope import RotaryTable
 from tlt.engine.spec.drafter import EagleDrafter
+
+logger = logging.getLogger(__name__)
 
 
 class OnlineDrafter:
@@ -36,17 +39,23 @@ class OnlineDrafter:
     on data of the policy being served, whose labels the current LM head gives exactly.
     `batch_size` x `window`: sequences x positions per spot step; smaller steps yield sooner.
     `out_dir`: published versions are also written there as servable folders.
+    `holdout_every`: every n-th record is kept out of training, for the publish gate: a new version is
+    delivered only if its expected tokens per round (from top-1 agreement with the target per draft depth)
+    on held-out records of the current policy is at least the serving version's. 0: no gate.
     """
 
     def __init__(self, engines, drafter: EagleDrafter | str | None = None, *, capacity_bytes: int = 512 << 20,
                  keep_versions: int = 1, batch_size: int = 8, window: int = 96, lr: float = 1e-3,
                  ttt_steps: int = 3, warmup_steps: int | None = None, recency_half_life: float | None = 256.0,
-                 out_dir: str | None = None, prefix: str = "online", seed: int = 0):
+                 out_dir: str | None = None, prefix: str = "online", seed: int = 0, holdout_every: int = 0,
+                 holdout_records: int = 8):
         self.engines = list(engines) if isinstance(engines, (list, tuple)) else [engines]
         if not self.engines:
             raise ValueError("OnlineDrafter needs at least one engine")
         if keep_versions < 1:
             raise ValueError(f"keep_versions must be >= 1, got {keep_versions}")
+        if holdout_every < 0 or holdout_records < 1:
+            raise ValueError("holdout_every must be >= 0 and holdout_records >= 1")
         source = self.engines[0]
         mc = source.model_config
         if any(e.model_config.hidden_size != mc.hidden_size or e.model_config.vocab_size != mc.vocab_size
@@ -66,6 +75,14 @@ class OnlineDrafter:
         self.buffer = DrafterDataBuffer(capacity_bytes, hidden_size=mc.hidden_size,
                                         recency_half_life=recency_half_life)
         self.spot = SpotTrainer(trainer, self.buffer, self._labels, batch_size=batch_size, window=window, seed=seed)
+        # The gate's reference: what the engines serve now (the starting drafter until the first publish).
+        self._serving = copy.deepcopy(start).eval().requires_grad_(False)
+        self.holdout_every, self.holdout_records, self.window, self.seed = holdout_every, holdout_records, window, seed
+        self.holdout = DrafterDataBuffer(max(capacity_bytes // 8, 1 << 20), hidden_size=mc.hidden_size,
+                                         recency_half_life=None)
+        self._records_seen = 0
+        self.gate_rejections = 0
+        self.last_gate: dict | None = None
         self.publisher = DrafterPublisher(self.spot, [e for e in self.engines if e.spec is not None],
                                           out_dir=out_dir, prefix=prefix)
         self.sink_time_s = 0.0  # time rollouts spent handing data over: the data path's cost to them
@@ -94,7 +111,10 @@ class OnlineDrafter:
         # Runs on an engine's loop, inside a rollout: only the copy into the buffer, timed.
         t0 = time.perf_counter()
         try:
-            self.buffer.push(record)
+            with self._sink_lock:
+                self._records_seen += 1
+                held_out = self.holdout_every and self._records_seen % self.holdout_every == 0
+            (self.holdout if held_out else self.buffer).push(record)
         finally:
             with self._sink_lock:
                 self.sink_time_s += time.perf_counter() - t0
@@ -149,9 +169,44 @@ class OnlineDrafter:
         return res
 
     def publish(self) -> str | None:
-        """Deliver the drafter as a new version to the engines now; the version, or None (nothing new, or the
-        last step failed)."""
-        return self.publisher.publish()
+        """Deliver the drafter as a new version to the engines now; the version, or None (nothing new, the last
+        step failed, or the gate found it worse than the serving version on held-out records)."""
+        if self.holdout_every and len(self.holdout) and self.publisher.published_step != self.spot.steps:
+            cand, serving = self.evaluate(self.spot.drafter), self.evaluate(self._serving)
+            self.last_gate = {"candidate": cand, "serving": serving, "step": self.spot.steps}
+            if cand < serving:
+                self.gate_rejections += 1
+                logger.info("drafter at step %d not published: %.3f expected tokens per round on held-out records "
+                            "vs %.3f for the serving version", self.spot.steps, cand, serving)
+                return None
+        version = self.publisher.publish()
+        if version is not None:
+            self._serving = copy.deepcopy(self.spot.drafter).eval().requires_grad_(False)
+        return version
+
+    @torch.no_grad()
+    def evaluate(self, drafter: EagleDrafter) -> float:
+        """Expected tokens per chain round on the held-out records (the same sample for every drafter):
+        1 + a1 + a1*a2 + ..., a_k = top-1 agreement with the target at draft depth k (training-time test)."""
+        items = self.holdout.training_items(self.holdout_records, self._labels, drafter.d2t,
+                                            torch.Generator().manual_seed(self.seed), self.window)
+        if not items:
+            return 0.0
+        trainer = self.spot.trainer
+        dev = next(drafter.parameters()).device
+        b = collate(items)
+        batch = DrafterBatch(b.tokens.to(dev), b.aux.to(dev), b.target_logp.to(dev), b.valid.to(dev))
+        was_training = drafter.training
+        drafter.eval()
+        try:
+            _, accs = ttt_loss(drafter, trainer.embed, trainer.rope, batch, trainer.config.ttt_steps)
+        finally:
+            drafter.train(was_training)
+        expected, run = 1.0, 1.0
+        for a in accs:
+            run *= a
+            expected += run
+        return expected
 
     def on_policy_update(self, weight_version: str | None = None) -> dict:
         """Call after new policy weights reached the engines (`weight_version`: theirs; default: the source
@@ -160,6 +215,7 @@ class OnlineDrafter:
         keeps training from where it is: the new policy is close to the old one."""
         version = str(weight_version if weight_version is not None else self.source.weight_version)
         dropped = self.buffer.age_out(version, self.keep_versions)
+        self.holdout.age_out(version, 1)  # the gate compares drafters on the policy being served
         with torch.no_grad():
             self.embed.weight.copy_(self.source.model.embed.weight.float())
         return {"weight_version": version, "aged_out": dropped, "records": len(self.buffer)}
@@ -167,7 +223,9 @@ class OnlineDrafter:
     def stats(self) -> dict:
         """The buffer's and the trainer's stats, the published version and the rollouts' data-path time."""
         return {"buffer": self.buffer.stats(), "trainer": self.spot.stats(), "version": self.version,
-                "publish_failures": self.publisher.failures, "sink_time_s": self.sink_time_s}
+                "publish_failures": self.publisher.failures, "sink_time_s": self.sink_time_s,
+                "holdout_records": len(self.holdout), "gate_rejections": self.gate_rejections,
+                "last_gate": self.last_gate}
 
     def close(self) -> None:
         """Detach the data sinks (the engines stop keeping last hidden states for the drafter)."""
