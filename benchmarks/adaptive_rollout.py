@@ -6,8 +6,12 @@
 The workload is an RL rollout step: `--prompts` prompts (`--task`, see `task_prompts`) x `--n` samples at
 temperature `--temperature`, every sample its own `sampling_seed`, all submitted at once. Each sample's
 `max_new_tokens` is drawn from a Pareto distribution (`--min-tokens`, `--alpha`, capped at `--max-tokens`)
-by a fixed seed, and EOS ends a sample earlier as usual: most answers are short, a few are long, and the
-batch shrinks from hundreds of sequences to a tail of a few — where the hardware idles.
+by a fixed seed: most answers are short, a few are long, and the batch shrinks from hundreds of sequences to
+a tail of a few — where the hardware idles. By default every sample runs to its drawn length (ignore_eos,
+`--natural-lengths` lets EOS end it): in bfloat16, speculative and plain rounds round the logits differently,
+a T=1 draw that is nearly tied then flips and the rest of that sample differs (measured: one speculative
+round at batch 256 changed 54% of the samples), so with natural lengths each run does different work and
+the tail — set by whichever sample ends last — differs by chance. Fixed lengths make every run's work equal.
 
 One engine (one model load, one drafter) serves every run: `set_speculation` fixes the arm for the static
 runs ('off' and each of `--arms`); the adaptive run lets the bandit choose among the same arms and plain
@@ -52,13 +56,14 @@ def task_prompts(tokenizer, kind: str, count: int, seed: int) -> list[list[int]]
             for q in arithmetic_prompts(count, 10_000 + seed)]
 
 
-def _requests(prompts, n: int, temperature: float, lengths: list[int], seed: int):
+def _requests(prompts, n: int, temperature: float, lengths: list[int], seed: int, ignore_eos: bool = True):
     ids, sps = [], []
     for i, p in enumerate(prompts):
         for j in range(n):
             k = i * n + j
             ids.append(p)
-            sps.append({"temperature": temperature, "max_new_tokens": lengths[k], "sampling_seed": seed + k})
+            sps.append({"temperature": temperature, "max_new_tokens": lengths[k], "sampling_seed": seed + k,
+                        "ignore_eos": ignore_eos})
     return ids, sps
 
 
@@ -113,7 +118,7 @@ def _accept_len(outs) -> float | None:
 
 def bench(model_path, drafter: str, arms: list[str], kind: str, prompts: int, n: int, temperature: float,
           min_tokens: int, alpha: float, max_tokens: int, tail: int, dtype: str, seed: int, epsilon: float, policy: str,
-          threads: int | None, log=print) -> dict:
+          threads: int | None, log=print, ignore_eos: bool = True) -> dict:
     import torch
 
     import tlt
@@ -125,9 +130,10 @@ def bench(model_path, drafter: str, arms: list[str], kind: str, prompts: int, n:
                         speculative_selector=policy, max_running_requests=max(prompts * n, 1))
     ps = task_prompts(engine.tokenizer, kind, prompts, seed)
     lengths = heavy_tail_lengths(prompts * n, min_tokens, alpha, max_tokens, seed)
-    ids, sps = _requests(ps, n, temperature, lengths, seed)
+    ids, sps = _requests(ps, n, temperature, lengths, seed, ignore_eos)
     log(f"workload: {prompts} {kind} prompts x n={n}, T={temperature}, max_new_tokens Pareto(alpha={alpha}) "
-        f"from {min_tokens}, cap {max_tokens}: mean {sum(lengths) / len(lengths):.0f}, max {max(lengths)}")
+        f"from {min_tokens}, cap {max_tokens}: mean {sum(lengths) / len(lengths):.0f}, max {max(lengths)}"
+        f"{', ignore_eos' if ignore_eos else ', EOS ends samples'}")
     # Warm-up: one whole plain rollout, discarded. The first run otherwise pays one-time costs the others
     # do not (KV growth to its full size, first touch of GBs of pages: measured ~20% of a run). Plain
     # rounds do not teach the bandit anything (fixed-arm rounds never feed it).
@@ -153,7 +159,7 @@ def bench(model_path, drafter: str, arms: list[str], kind: str, prompts: int, n:
         "benchmark": "adaptive_rollout", "machine": machine(), "dtype": dtype, "drafter": drafter,
         "workload": {"kind": kind, "prompts": prompts, "n": n, "temperature": temperature, "min_tokens": min_tokens,
                      "alpha": alpha, "max_tokens": max_tokens, "tail_threshold": tail, "seed": seed,
-                     "policy": policy, "epsilon": epsilon, "arms": arms},
+                     "policy": policy, "epsilon": epsilon, "arms": arms, "ignore_eos": ignore_eos},
         "speedup_total": off["total_s"] / ad["total_s"],
         "speedup_tail": off["tail_s"] / ad["tail_s"] if ad["tail_s"] else None,
         "vs_best_static": ad["tok_per_s"] / best["tok_per_s"],
@@ -210,6 +216,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epsilon", type=float, default=0.1)
     p.add_argument("--policy", default="epsilon_greedy", choices=["epsilon_greedy", "ucb"])
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: robust on a shared machine)")
+    p.add_argument("--natural-lengths", action="store_true",
+                   help="let EOS end samples (default: each runs to its drawn length; see the module docstring)")
 
 
 def main(argv=None) -> None:
@@ -222,7 +230,7 @@ def main(argv=None) -> None:
     res = bench(args.model_path, args.drafter, [a.strip() for a in args.arms.split(",") if a.strip()],
                 args.task, args.prompts, args.n, args.temperature, args.min_tokens, args.alpha, args.max_tokens,
                 args.tail, args.dtype, args.seed, args.epsilon, args.policy, args.threads,
-                log=lambda m: print(m, flush=True))
+                log=lambda m: print(m, flush=True), ignore_eos=not args.natural_lengths)
     res["bench_s"] = time.perf_counter() - t
     if args.json:
         res["plot"] = os.path.splitext(args.json)[0] + ".png"
