@@ -43,6 +43,35 @@ def machine() -> dict:
     }
 
 
+def free_port() -> int:
+    """A free loopback TCP port."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(proc, url: str, timeout_s: float = 300.0) -> None:
+    """Wait until the server child `proc` answers GET `url`/health with 200; kill it and raise if it exits
+    or does not answer in `timeout_s` (its stderr tail in the error when it was piped)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            err = proc.stderr.read().decode(errors="replace")[-2000:] if proc.stderr is not None else ""
+            raise RuntimeError(f"server exited with {proc.returncode}: {err}")
+        try:
+            if httpx.get(url + "/health", timeout=2, trust_env=False).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.25)
+    proc.kill()
+    raise TimeoutError(f"server at {url} not healthy after {timeout_s:.0f} s")
+
+
 def _git_commit() -> str | None:
     """The checked-out commit (+ '-dirty' with uncommitted changes to tracked files), None outside git."""
     import subprocess

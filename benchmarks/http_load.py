@@ -28,7 +28,6 @@ import json
 import os
 import random
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -37,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 
 import httpx
 
-from benchmarks.common import TOPICS, machine, write_json
+from benchmarks.common import TOPICS, free_port, machine, wait_healthy, write_json
 
 REQUEST_TIMEOUT_S = 120.0
 DRAIN_TIMEOUT_S = 30.0
@@ -251,32 +250,16 @@ def run_load(url: str, cfg: LoadConfig) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start_server(args) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "tlt.rl_bridge.http_server", "--host", "127.0.0.1", "--port", str(port),
            "--dtype", args.dtype, "--torch-num-threads", str(args.torch_num_threads), "--log-level", "warning"]
     if args.model_path:
         cmd += ["--model-path", args.model_path]
     proc = subprocess.Popen(cmd, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(url + "/health", timeout=2, trust_env=False).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.25)
-    proc.kill()
-    raise TimeoutError("server not ready after 300 s")
+    wait_healthy(proc, url)
+    return proc, url
 
 
 def main(argv=None) -> None:

@@ -39,7 +39,7 @@ import os
 import tempfile
 import time
 
-from benchmarks.common import machine
+from benchmarks.common import free_port, machine, wait_healthy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_DRAFTER = os.path.join(ROOT, "benchmarks", "drafters", "smollm2")
@@ -104,15 +104,10 @@ def _load_tokenizer(model_path: str | None):
 
 def _launch_server(args, extra: dict, log):
     """`tlt serve` in a child process on a free loopback port; returns (process, url)."""
-    import socket
     import subprocess
     import sys
 
-    import httpx
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cmd = [sys.executable, "-m", "tlt.rl_bridge.http_server", "--port", str(port), "--log-level", "warning",
            "--dtype", args.dtype, "--random-seed", "0"]
     if args.model_path:
@@ -131,18 +126,8 @@ def _launch_server(args, extra: dict, log):
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"tlt serve exited with {proc.returncode}: {proc.stderr.read().decode()[-2000:]}")
-        try:
-            if httpx.get(url + "/health", timeout=2, trust_env=False).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.25)
-    proc.kill()
-    raise TimeoutError("tlt serve did not become healthy in 300 s")
+    wait_healthy(proc, url)
+    return proc, url
 
 
 class _Run:

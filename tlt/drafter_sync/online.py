@@ -20,7 +20,7 @@ import torch
 from tlt.drafter_sync.buffer import DrafterDataBuffer
 from tlt.drafter_sync.publish import DrafterPublisher
 from tlt.drafter_sync.trainer import SpotTrainer
-from tlt.drafter_sync.training import DrafterBatch, DrafterTrainer, TrainerConfig, collate, ttt_loss
+from tlt.drafter_sync.training import DrafterTrainer, TrainerConfig, collate_on, ttt_loss
 from tlt.engine.models.rope import RotaryTable
 from tlt.engine.spec.drafter import EagleDrafter
 
@@ -193,9 +193,7 @@ class OnlineDrafter:
         if not items:
             return 0.0
         trainer = self.spot.trainer
-        dev = next(drafter.parameters()).device
-        b = collate(items)
-        batch = DrafterBatch(b.tokens.to(dev), b.aux.to(dev), b.target_logp.to(dev), b.valid.to(dev))
+        batch = collate_on(items, next(drafter.parameters()).device)
         was_training = drafter.training
         drafter.eval()
         try:

@@ -116,6 +116,12 @@ def collate(items: list[dict]) -> DrafterBatch:
     return DrafterBatch(tokens, aux, lab, valid)
 
 
+def collate_on(items: list[dict], device) -> DrafterBatch:
+    """`collate`, moved to `device`."""
+    b = collate(items)
+    return DrafterBatch(b.tokens.to(device), b.aux.to(device), b.target_logp.to(device), b.valid.to(device))
+
+
 def ttt_loss(drafter: EagleDrafter, embed: torch.nn.Module, rope, batch: DrafterBatch, steps: int,
              decay: float = 0.8) -> tuple[torch.Tensor, list[float]]:
     """Multi-step training-time-test loss; returns (loss, per-step top-1 accuracy vs the target)."""
@@ -210,8 +216,7 @@ class DrafterTrainer:
     def step(self, items: list[dict]) -> dict:
         """One optimizer step on `items` (the format of `target_features`) -> {"loss", "acc" per depth}."""
         dev = next(self.drafter.parameters()).device
-        b = collate(items)
-        batch = DrafterBatch(b.tokens.to(dev), b.aux.to(dev), b.target_logp.to(dev), b.valid.to(dev))
+        batch = collate_on(items, dev)
         self.drafter.train()
         with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=self.config.autocast):
             loss, accs = ttt_loss(self.drafter, self.embed, self.rope, batch, self.config.ttt_steps)

@@ -75,17 +75,15 @@ class SamplingBatch:
     top_p: torch.Tensor  # [B] float32
     min_p: torch.Tensor  # [B] float32
     greedy: torch.Tensor  # [B] bool
-    all_greedy: bool
-    needs_truncation: bool  # some row has top-k / top-p / min-p
-    truncates: torch.Tensor | None = None  # [B] bool: this row samples with top-k / top-p / min-p
+    truncates: torch.Tensor  # [B] bool: this row samples with top-k / top-p / min-p
+    all_greedy: bool  # host copies of greedy.all() and truncates.any(): no device sync per use
+    needs_truncation: bool
 
     def select(self, rows: torch.Tensor) -> SamplingBatch:
         """The settings of a subset of rows (a new batch of len(rows) rows)."""
-        truncates = None if self.truncates is None else self.truncates[rows]
-        greedy = self.greedy[rows]
+        greedy, truncates = self.greedy[rows], self.truncates[rows]
         return SamplingBatch(self.temperature[rows], self.top_k[rows], self.top_p[rows], self.min_p[rows], greedy,
-                             bool(greedy.all()),
-                             self.needs_truncation if truncates is None else bool(truncates.any()), truncates)
+                             truncates, bool(greedy.all()), bool(truncates.any()))
 
 
 def build_sampling_batch(params_list, vocab_size: int, device) -> SamplingBatch:
@@ -103,9 +101,9 @@ def build_sampling_batch(params_list, vocab_size: int, device) -> SamplingBatch:
         top_p=torch.tensor(top_p, dtype=torch.float32, device=device),
         min_p=torch.tensor(min_p, dtype=torch.float32, device=device),
         greedy=torch.tensor(greedy, dtype=torch.bool, device=device),
+        truncates=torch.tensor(truncates, dtype=torch.bool, device=device),
         all_greedy=all(greedy),
         needs_truncation=any(truncates),
-        truncates=torch.tensor(truncates, dtype=torch.bool, device=device),
     )
 
 

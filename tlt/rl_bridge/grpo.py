@@ -190,13 +190,18 @@ class EngineRollouts:
         return self.engine.get_weights_by_name(name)
 
     def info(self) -> dict:
-        mi = self.engine.get_model_info()
-        return {"backend": self.name, "speculative": mi.get("drafter_version") is not None,
-                "drafter_version": mi.get("drafter_version"), "weight_version": mi.get("weight_version"),
-                "dtype": mi.get("dtype")}
+        return _backend_info(self.name, self.engine.get_model_info())
 
     def close(self) -> None:
         self.engine.shutdown()
+
+
+def _backend_info(name: str, model_info: dict) -> dict:
+    """What the report says about a rollout backend, from its `get_model_info()`."""
+    mi = model_info
+    return {"backend": name, "speculative": mi.get("drafter_version") is not None,
+            "drafter_version": mi.get("drafter_version"), "weight_version": mi.get("weight_version"),
+            "dtype": mi.get("dtype")}
 
 
 class HttpRollouts:
@@ -243,10 +248,7 @@ class HttpRollouts:
         self.client.update_weights_from_tensor(named, weight_version=version)
 
     def info(self) -> dict:
-        mi = self.client.get_model_info()
-        return {"backend": self.name, "speculative": mi.get("drafter_version") is not None,
-                "drafter_version": mi.get("drafter_version"), "weight_version": mi.get("weight_version"),
-                "dtype": mi.get("dtype")}
+        return _backend_info(self.name, self.client.get_model_info())
 
     def close(self) -> None:
         self.client.close()

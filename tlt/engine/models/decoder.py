@@ -17,10 +17,10 @@ from tlt.engine import kernels
 from tlt.engine.models.model_config import ModelConfig
 from tlt.engine.models.rope import RotaryTable, apply_rotary
 
-try:  # x, packed W, bias, "none", [], "": the oneDNN linear on a pre-packed weight (CPU builds with oneDNN)
-    _LINEAR = torch.ops.mkldnn._linear_pointwise.default
+try:  # the oneDNN linear on a pre-packed weight (CPU builds with oneDNN)
+    _ONEDNN_LINEAR = torch.ops.mkldnn._linear_pointwise.default
 except (AttributeError, RuntimeError):
-    _LINEAR = None
+    _ONEDNN_LINEAR = None
 
 # Above this many tokens in one pass (a long prefill) the two-thread torch ops win over the
 # single-threaded fused kernels.
@@ -52,18 +52,58 @@ def cpu_packing_supported(dtype: torch.dtype, device: torch.device) -> bool:
         and dtype in (torch.bfloat16, torch.float16)
         and torch.backends.mkldnn.is_available()
         and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+        and _ONEDNN_LINEAR is not None
     )
 
 
-@torch.library.custom_op("tlt::packed_linear", mutates_args=())
-def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x @ W^T (+ b) with a oneDNN pre-packed W; an opaque op, so torch.compile calls it as is."""
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ W^T (+ b) with a oneDNN pre-packed W: the op overload directly (a custom-op wrapper cost ~15 us a
+    call in eager mode)."""
+    return _ONEDNN_LINEAR(x, packed, bias, "none", [], "")
 
 
-@packed_linear.register_fake
-def _(x, packed, bias):
-    return x.new_empty((*x.shape[:-1], packed.shape[0]))
+def additive_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """A bool attention mask -> None when every key is visible (SDPA's unmasked path), else the additive
+    bf16 mask (SDPA would convert a bool mask on every call, i.e. once per layer)."""
+    if mask is None or mask.dtype != torch.bool:
+        return mask
+    if bool(mask.all()):
+        return None
+    return torch.zeros(mask.shape, dtype=torch.bfloat16).masked_fill_(~mask, float("-inf"))
+
+
+def check_kv_writes(rows: torch.Tensor, slots: torch.Tensor, cache: torch.Tensor) -> None:
+    """The fused kernels write K/V where rows/slots point: refuse anything outside the cache."""
+    R, _, max_len, _ = cache.shape
+    if int(rows.min()) < 0 or int(rows.max()) >= R or int(slots.min()) < 0 or int(slots.max()) >= max_len:
+        raise IndexError("KV write outside the cache")
+
+
+def fused_layer(x, delta, tensors: tuple, shape: tuple[int, ...], cos, sin, positions, rows, slots, k_cache,
+                v_cache, row_start: int, kv_len: int, mask):
+    """One decoder layer on the fused bf16 CPU kernels (tlt/engine/kernels): the same math and bf16
+    roundings as `DecoderLayer.forward`, ~8 calls instead of ~40.
+
+    x [N, H] is the residual stream before `delta` (the previous layer's MLP output, None: nothing pending)
+    is added: the residual add is fused into the next norm. Returns (x, delta) for the next layer.
+    `tensors`: `DecoderLayer.fused_tensors()`; shape (B, T, heads, kv_heads, head_dim) with N = B * T;
+    cos/sin: rotary tables indexed by `positions` [N]; K/V written at cache[rows[t], :, slots[t]]."""
+    B, T, nh, kvh, d = shape
+    N = B * T
+    in_w, in_eps, qkv_w, qkv_b, q_norm, k_norm, o_w, post_w, post_eps, gu_w, down_w = tensors
+    x, h = kernels.add_rms_norm(x, delta, in_w, in_eps)
+    qkv = packed_linear(h, qkv_w, qkv_b)
+    if q_norm is not None:  # Qwen3: per-head q/k norm before rotary (torch ops)
+        qk, v = qkv.view(N, nh + 2 * kvh, d).split([nh + kvh, kvh], dim=1)
+        q, k = qk.split([nh, kvh], dim=1)
+        qkv = torch.cat([q_norm(q), k_norm(k), v], dim=1).view(N, -1)
+    q = kernels.rope_kv(qkv, cos, sin, positions, rows, slots, k_cache, v_cache, nh)
+    rs = slice(row_start, row_start + B)
+    attn = F.scaled_dot_product_attention(
+        q.view(B, T, nh, d).transpose(1, 2), k_cache[rs, :, :kv_len], v_cache[rs, :, :kv_len],
+        attn_mask=mask, enable_gqa=True)  # [B, heads, T, D]
+    x, h = kernels.add_rms_norm(x, packed_linear(attn.transpose(1, 2).reshape(N, nh * d), o_w), post_w, post_eps)
+    return x, packed_linear(kernels.silu_mul(packed_linear(h, gu_w)), down_w)
 
 
 class Linear(nn.Linear):
@@ -83,8 +123,7 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
-            # The oneDNN op directly: the custom-op wrapper costs ~15 us a call in eager mode.
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+            return packed_linear(x, self.packed, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -163,29 +202,25 @@ class DecoderLayer(nn.Module):
         return self.attend_and_mlp(x, q, keys, values, batch.mask)
 
 
+    def fused_tensors(self) -> tuple:
+        """This layer's tensors for `fused_layer` (the packed weights: call after `pack`)."""
+        return (self.input_norm.weight, self.input_norm.eps, self.qkv.packed, self.qkv.bias, self.q_norm,
+                self.k_norm, self.o_proj.packed, self.post_norm.weight, self.post_norm.eps, self.gate_up.packed,
+                self.down.packed)
+
     def _forward_fused(self, x, cos, sin, k_cache, v_cache, batch: AttentionBatch):
-        """`forward` with the fused bf16 CPU kernels (see DecoderLM._forward_fused); cos/sin [B, T, D] are
-        handed to the rotary kernel as a per-token table."""
+        """`forward` through `fused_layer`; cos/sin [B, T, D] become a per-token rotary table."""
         B, T, H = x.shape
         N = B * T
-        nh, d = self.num_heads, self.head_dim
         slots = (batch.positions if batch.slots is None else batch.slots).reshape(N).contiguous()
         rows = batch.write_rows.reshape(N).contiguous()
-        R, _, max_len, _ = k_cache.shape
-        if int(rows.max()) >= R or int(rows.min()) < 0 or int(slots.max()) >= max_len or int(slots.min()) < 0:
-            raise IndexError("KV write outside the cache")
-        x = x.reshape(N, H).contiguous()
-        _, h = kernels.add_rms_norm(x, None, self.input_norm.weight, self.input_norm.eps)
-        token = torch.arange(N, device=x.device)
-        q = kernels.rope_kv(self.qkv(h), cos.reshape(N, d).contiguous(), sin.reshape(N, d).contiguous(), token,
-                            rows, slots, k_cache, v_cache, nh)
-        rs = slice(batch.row_start, batch.row_start + B)
-        attn = F.scaled_dot_product_attention(
-            q.view(B, T, nh, d).transpose(1, 2), k_cache[rs, :, : batch.kv_len], v_cache[rs, :, : batch.kv_len],
-            attn_mask=batch.mask, enable_gqa=True)
-        x, h = kernels.add_rms_norm(x, self.o_proj(attn.transpose(1, 2).reshape(N, nh * d)), self.post_norm.weight,
-                                    self.post_norm.eps)
-        return (x + self.down(kernels.silu_mul(self.gate_up(h)))).view(B, T, H)
+        check_kv_writes(rows, slots, k_cache)
+        shape = (B, T, self.num_heads, self.num_kv_heads, self.head_dim)
+        x, delta = fused_layer(x.reshape(N, H).contiguous(), None, self.fused_tensors(), shape,
+                               cos.reshape(N, -1).contiguous(), sin.reshape(N, -1).contiguous(),
+                               torch.arange(N, device=x.device), rows, slots, k_cache, v_cache, batch.row_start,
+                               batch.kv_len, additive_mask(batch.mask))
+        return (x + delta).view(B, T, H)
 
 
 class DecoderLM(nn.Module):
@@ -220,14 +255,9 @@ class DecoderLM(nn.Module):
             if isinstance(m, Linear):
                 m.pack(enabled)
         self.head_packed = torch.ops.mkldnn._reorder_linear_weight(self.head_weight.detach()) if enabled else None
-        self.fused_cpu = bool(enabled) and _LINEAR is not None and w.dtype == torch.bfloat16 and kernels.available()
+        self.fused_cpu = bool(enabled) and w.dtype == torch.bfloat16 and kernels.available()
         # The fused path reads each layer's tensors from one flat tuple: no nn.Module lookups per call.
-        self._fused_layers = [
-            (layer.input_norm.weight, layer.input_norm.eps, layer.qkv.packed, layer.qkv.bias, layer.q_norm,
-             layer.k_norm, layer.o_proj.packed, layer.post_norm.weight, layer.post_norm.eps, layer.gate_up.packed,
-             layer.down.packed)
-            for layer in self.layers
-        ] if self.fused_cpu else None
+        self._fused_layers = [layer.fused_tensors() for layer in self.layers] if self.fused_cpu else None
 
     @property
     def head_weight(self) -> torch.Tensor:
@@ -251,49 +281,25 @@ class DecoderLM(nn.Module):
         return self.norm(x), [captured[i] for i in capture_layers]
 
     def _forward_fused(self, input_ids, batch: AttentionBatch, k_caches, v_caches, capture_layers):
-        """`forward` with the fused bf16 CPU kernels (tlt/engine/kernels): same math, same bf16 roundings,
-        ~8 calls per layer instead of ~40. Each layer's closing residual add is fused into the next
-        norm, so the residual stream is carried as (x, pending delta)."""
+        """`forward` with every layer through `fused_layer` (bf16 on CPU)."""
         B, T = input_ids.shape
         N = B * T
         cfg = self.cfg
-        nh, kvh, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         positions = batch.positions.reshape(N).contiguous()
         slots = positions if batch.slots is None else batch.slots.reshape(N).contiguous()
         rows = batch.write_rows.reshape(N).contiguous()
-        # The kernel writes where rows/slots point: check the bounds once per pass, not per layer.
-        R, _, max_len, _ = k_caches[0].shape
-        if int(rows.max()) >= R or int(rows.min()) < 0 or int(slots.max()) >= max_len or int(slots.min()) < 0 \
-                or int(positions.max()) >= self.rope.cos.shape[0] or int(positions.min()) < 0:
-            raise IndexError("KV write outside the cache or position outside the rotary table")
-        mask = batch.mask
-        if mask is not None and mask.dtype == torch.bool:
-            if bool(mask.all()):
-                mask = None  # every key visible (e.g. batch 1 decode): the kernel's fast unmasked path
-            else:  # SDPA turns a bool mask into an additive one on every call: do it once here
-                mask = torch.zeros(mask.shape, dtype=torch.bfloat16).masked_fill_(~mask, float("-inf"))
+        check_kv_writes(rows, slots, k_caches[0])  # once per pass, not per layer
+        if int(positions.min()) < 0 or int(positions.max()) >= self.rope.cos.shape[0]:
+            raise IndexError("position outside the rotary table")
+        mask = additive_mask(batch.mask)
+        shape = (B, T, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
         cos, sin = self.rope.cos, self.rope.sin
         x = self.embed(input_ids).view(N, -1)
-        rs = slice(batch.row_start, batch.row_start + B)
-        kv_len = batch.kv_len
         delta = None
         captured = {}
-        linear = _LINEAR
-        for i, (in_w, in_eps, qkv_w, qkv_b, q_norm, k_norm, o_w, post_w, post_eps, gu_w, down_w) in \
-                enumerate(self._fused_layers):
-            x, h = kernels.add_rms_norm(x, delta, in_w, in_eps)
-            qkv = linear(h, qkv_w, qkv_b, "none", [], "")
-            if q_norm is not None:  # Qwen3: per-head q/k norm before rotary (torch ops)
-                qk, v = qkv.view(N, nh + 2 * kvh, d).split([nh + kvh, kvh], dim=1)
-                q, k = qk.split([nh, kvh], dim=1)
-                qkv = torch.cat([q_norm(q), k_norm(k), v], dim=1).view(N, -1)
-            q = kernels.rope_kv(qkv, cos, sin, positions, rows, slots, k_caches[i], v_caches[i], nh)
-            attn = F.scaled_dot_product_attention(
-                q.view(B, T, nh, d).transpose(1, 2), k_caches[i][rs, :, :kv_len], v_caches[i][rs, :, :kv_len],
-                attn_mask=mask, enable_gqa=True)  # [B, heads, T, D]
-            attn = linear(attn.transpose(1, 2).reshape(N, nh * d), o_w, None, "none", [], "")
-            x, h = kernels.add_rms_norm(x, attn, post_w, post_eps)
-            delta = linear(kernels.silu_mul(linear(h, gu_w, None, "none", [], "")), down_w, None, "none", [], "")
+        for i, tensors in enumerate(self._fused_layers):
+            x, delta = fused_layer(x, delta, tensors, shape, cos, sin, positions, rows, slots, k_caches[i],
+                                   v_caches[i], batch.row_start, batch.kv_len, mask)
             if i in capture_layers:
                 x, delta = x + delta, None  # bf16 add: the same rounding as the fused one
                 captured[i] = x.view(B, T, -1)
@@ -303,7 +309,7 @@ class DecoderLM(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[..., hidden] -> float32 logits [..., vocab]."""
         if self.head_packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(hidden, self.head_packed, None, "none", [], "").float()
+            return packed_linear(hidden, self.head_packed).float()
         return F.linear(hidden, self.head_weight).float()
 
 
