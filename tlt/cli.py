@@ -81,7 +81,8 @@ def cmd_train_drafter(args) -> None:
     res = train_offline(engine, args.out, num_prompts=args.num_prompts, max_new_tokens=args.max_new_tokens,
                         max_steps=args.max_steps, ttt_steps=args.ttt_steps,
                         draft_vocab_size=args.draft_vocab_size, batch_size=args.batch_size, lr=args.lr,
-                        seed=args.random_seed, time_budget_s=args.time_budget, data_cache=args.keep_data,
+                        seed=args.random_seed, time_budget_s=args.time_budget, self_prompts=args.self_prompts,
+                        holdout=args.holdout, window=args.window, data_cache=args.keep_data,
                         resume=args.resume, log=lambda m: print(m, flush=True))
     print(json.dumps(res))
     engine.shutdown()
@@ -143,6 +144,10 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--batch-size", type=int, default=8)
     t.add_argument("--lr", type=float, default=2e-3)
     t.add_argument("--time-budget", type=float, default=None, help="stop training after this many seconds")
+    t.add_argument("--self-prompts", type=float, default=0.5,
+                   help="fraction of the prompts written by the target itself (the rest from templates)")
+    t.add_argument("--holdout", type=int, default=64, help="records kept out of training and evaluated")
+    t.add_argument("--window", type=int, default=96, help="positions per training sequence (random crop)")
     t.add_argument("--keep-data", action="store_true", help="cache the generated data in OUT/train_data.pt")
     t.add_argument("--resume", action="store_true", help="continue training the drafter already in OUT")
     if argv and argv[0] == "serve":

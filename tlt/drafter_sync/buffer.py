@@ -156,34 +156,40 @@ class DrafterDataBuffer:
 
     def training_items(self, n: int, label_fn: Callable[[torch.Tensor], torch.Tensor], d2t: torch.Tensor,
                        generator: torch.Generator, window: int | None = None) -> list[dict]:
-        """`n` sampled records as training items {"tokens", "aux", "target_logp", "loss_mask"} (the format of
-        `training.target_features`), cropped to `window` positions first so labels cost only what is trained.
-
-        `label_fn`: stored last hidden states [N, H] -> the target's logits [N, V] (for an engine,
-        `lambda h: engine.model.logits(h.to(engine.device))`). Labels are the log-softmax of the logits over
-        the draft vocabulary `d2t`; the loss covers drafter positions p >= prompt_len - 2, whose label is
-        a generated token."""
-        cropped = []
-        for rec in self.sample(n, generator):
-            m = len(rec["tokens"])
-            part = {"tokens": rec["tokens"], "aux": rec["aux"], "hidden": rec["hidden"],
-                    "loss_mask": torch.arange(m) >= max(rec["prompt_len"] - 2, 0)}
-            cropped.append(crop(part, window, generator) if window is not None else part)
-        if not cropped:
-            return []
-        with torch.no_grad():
-            logits = label_fn(torch.cat([c["hidden"] for c in cropped]))  # [sum of lengths, V]
-            logp = torch.log_softmax(logits[..., d2t.to(logits.device)].float(), dim=-1).to(torch.bfloat16).cpu()
-        out, start = [], 0
-        for c in cropped:
-            m = len(c["tokens"])
-            out.append({"tokens": c["tokens"], "aux": c["aux"].float(), "target_logp": logp[start: start + m],
-                        "loss_mask": c["loss_mask"]})
-            start += m
-        return out
+        """`n` sampled records as training items (see `training_items`), cropped to `window` positions."""
+        return training_items(self.sample(n, generator), label_fn, d2t, generator, window)
 
     def stats(self) -> dict:
         """Records, bytes, the weight versions held, and counts of pushes, evictions and age-outs."""
         with self._lock:
             return {"records": len(self._entries), "bytes": self._nbytes, "capacity_bytes": self.capacity_bytes,
                     "versions": list(self._versions), **self.counts}
+
+
+def training_items(records: list[dict], label_fn: Callable[[torch.Tensor], torch.Tensor], d2t: torch.Tensor,
+                   generator: torch.Generator | None = None, window: int | None = None) -> list[dict]:
+    """Records as training items {"tokens", "aux", "target_logp", "loss_mask"} (the format of
+    `training.target_features`), cropped to `window` positions first so labels cost only what is trained.
+
+    `label_fn`: stored last hidden states [N, H] -> the target's logits [N, V] (for an engine,
+    `lambda h: engine.model.logits(h.to(engine.device))`). Labels are the log-softmax of the logits over
+    the draft vocabulary `d2t`; the loss covers drafter positions p >= prompt_len - 2, whose label is
+    a generated token."""
+    cropped = []
+    for rec in records:
+        m = len(rec["tokens"])
+        part = {"tokens": rec["tokens"], "aux": rec["aux"], "hidden": rec["hidden"],
+                "loss_mask": torch.arange(m) >= max(rec["prompt_len"] - 2, 0)}
+        cropped.append(crop(part, window, generator) if window is not None else part)
+    if not cropped:
+        return []
+    with torch.no_grad():
+        logits = label_fn(torch.cat([c["hidden"] for c in cropped]))  # [sum of lengths, V]
+        logp = torch.log_softmax(logits[..., d2t.to(logits.device)].float(), dim=-1).to(torch.bfloat16).cpu()
+    out, start = [], 0
+    for c in cropped:
+        m = len(c["tokens"])
+        out.append({"tokens": c["tokens"], "aux": c["aux"].float(), "target_logp": logp[start: start + m],
+                    "loss_mask": c["loss_mask"]})
+        start += m
+    return out

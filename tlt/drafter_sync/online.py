@@ -20,7 +20,7 @@ import torch
 from tlt.drafter_sync.buffer import DrafterDataBuffer
 from tlt.drafter_sync.publish import DrafterPublisher
 from tlt.drafter_sync.trainer import SpotTrainer
-from tlt.drafter_sync.training import DrafterTrainer, TrainerConfig, collate_on, ttt_loss
+from tlt.drafter_sync.training import DrafterTrainer, TrainerConfig, evaluate_items, expected_tokens
 from tlt.engine.models.rope import RotaryTable
 from tlt.engine.spec.drafter import EagleDrafter
 
@@ -193,18 +193,8 @@ class OnlineDrafter:
         if not items:
             return 0.0
         trainer = self.spot.trainer
-        batch = collate_on(items, next(drafter.parameters()).device)
-        was_training = drafter.training
-        drafter.eval()
-        try:
-            _, accs = ttt_loss(drafter, trainer.embed, trainer.rope, batch, trainer.config.ttt_steps)
-        finally:
-            drafter.train(was_training)
-        expected, run = 1.0, 1.0
-        for a in accs:
-            run *= a
-            expected += run
-        return expected
+        accs = evaluate_items(drafter, trainer.embed, trainer.rope, items, trainer.config.ttt_steps)
+        return expected_tokens(accs)
 
     def on_policy_update(self, weight_version: str | None = None) -> dict:
         """Call after new policy weights reached the engines (`weight_version`: theirs; default: the source

@@ -60,3 +60,30 @@ def training_prompts(n: int, seed: int = 0) -> list[str]:
     pool = general + arithmetic_prompts(len(general) // 3, seed)
     random.Random(seed).shuffle(pool)
     return [pool[i % len(pool)] for i in range(n)]
+
+
+def self_instruct_prompts(engine, n: int, seed: int = 0, log=print, max_tokens: int = 64,
+                          batch: int = 256) -> list[str]:
+    """`n` distinct user messages written by the target itself (as in Magpie): it samples the user turn
+    that follows its chat template's user header, so the messages follow the distribution it was tuned on,
+    far more varied than any template list. Kept: messages it ended itself, of at least 16 characters."""
+    tok = engine.tokenizer
+    marker = "\x00tlt-user\x00"
+    text = tok.apply_chat_template([{"role": "user", "content": marker}], tokenize=False, add_generation_prompt=False)
+    header = tok.encode(text[: text.index(marker)])
+    seen: set[str] = set()
+    out: list[str] = []
+    drawn = 0
+    while len(out) < n:
+        if drawn > 20 * n + 1000:
+            raise RuntimeError(f"the model wrote only {len(out)} usable distinct user messages of {n} wanted")
+        sp = [{"temperature": 1.0, "top_p": 0.95, "max_new_tokens": max_tokens,
+               "sampling_seed": seed * 1_000_003 + drawn + i} for i in range(batch)]
+        for o in engine.generate(input_ids=[header] * batch, sampling_params=sp):
+            msg = o["text"].strip()
+            if o["meta_info"]["finish_reason"]["type"] == "stop" and len(msg) >= 16 and msg not in seen:
+                seen.add(msg)
+                out.append(msg)
+        drawn += batch
+        log(f"  self-written user messages: {min(len(out), n)}/{n} ({drawn} drawn)")
+    return out[:n]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -255,82 +256,150 @@ class DrafterTrainer:
         self.opt.zero_grad(set_to_none=True)
 
 
-def train_drafter(drafter: EagleDrafter, embed, rope, data: list[dict], *, steps: int = 3, max_steps: int = 400,
+def expected_tokens(accs: list[float]) -> float:
+    """Tokens per chain round implied by top-1 agreement per draft depth: 1 + a1 + a1*a2 + ..."""
+    expected, run = 1.0, 1.0
+    for a in accs:
+        run *= a
+        expected += run
+    return expected
+
+
+@torch.no_grad()
+def evaluate_items(drafter: EagleDrafter, embed, rope, items: list[dict], steps: int, chunk: int = 16) -> list[float]:
+    """Training-time-test top-1 agreement per draft depth on `items`, weighted by their trained positions."""
+    was_training = drafter.training
+    drafter.eval()
+    dev = next(drafter.parameters()).device
+    hits, counts = [0.0] * steps, [0] * steps
+    try:
+        for i in range(0, len(items), chunk):
+            batch = collate_on(items[i: i + chunk], dev)
+            ok = batch.valid[:, 1:] & batch.valid[:, :-1]
+            pos = torch.arange(ok.shape[1], device=dev)
+            n = [int((ok & (pos >= k).view(1, -1)).sum()) for k in range(steps)]  # ttt_loss's denominators
+            _, accs = ttt_loss(drafter, embed, rope, batch, steps)
+            hits = [h + a * c for h, a, c in zip(hits, accs, n)]
+            counts = [c + m for c, m in zip(counts, n)]
+    finally:
+        drafter.train(was_training)
+    return [h / max(c, 1) for h, c in zip(hits, counts)]
+
+
+def train_drafter(drafter: EagleDrafter, embed, rope, data, *, steps: int = 3, max_steps: int = 400,
                   batch_size: int = 8, lr: float = 1e-3, seed: int = 0, window: int = 96, autocast: bool = False,
-                  log: Callable[[str], None] = print, time_budget_s: float | None = None) -> dict:
-    """AdamW with warm-up and cosine decay over `max_steps`; returns the final metrics."""
+                  log: Callable[[str], None] = print, time_budget_s: float | None = None,
+                  heldout: list[dict] | None = None, eval_every: int = 250) -> dict:
+    """AdamW with warm-up and cosine decay over `max_steps`; returns the final metrics.
+
+    `data`: training items (the format of `target_features`), or a callable (n, generator) -> n items.
+    `heldout`: items never trained on; their top-1 agreement per depth is logged every `eval_every` steps
+    and at the end (the training accuracy flatters a drafter that memorises its data)."""
     g = torch.Generator().manual_seed(seed)
+    if callable(data):
+        sample = data
+    else:
+        def sample(n: int, gen: torch.Generator) -> list[dict]:
+            return [crop(data[i], window, gen) for i in torch.randint(0, len(data), (n,), generator=gen).tolist()]
     trainer = DrafterTrainer(drafter, embed, rope,
                              TrainerConfig(ttt_steps=steps, lr=lr, max_steps=max_steps, autocast=autocast))
+
+    def evaluate(step: int) -> dict:
+        accs = evaluate_items(drafter, embed, rope, heldout, steps)
+        log(f"  held-out at step {step}: top-1 per depth {' '.join(f'{a:.3f}' for a in accs)}  "
+            f"expected tokens per chain round {expected_tokens(accs):.3f}")
+        return {"heldout_acc": accs, "heldout_expected_tokens": expected_tokens(accs)}
+
     t0 = time.perf_counter()
-    metrics = {}
+    metrics: dict = {}
     for step in range(max_steps):
-        idx = torch.randint(0, len(data), (batch_size,), generator=g).tolist()
-        out = trainer.step([crop(data[i], window, g) for i in idx])
-        metrics = {"step": step + 1, **out, "elapsed_s": time.perf_counter() - t0}
-        if step % 20 == 0 or step == max_steps - 1:
+        out = trainer.step(sample(batch_size, g))
+        metrics = {**metrics, "step": step + 1, **out, "elapsed_s": time.perf_counter() - t0}
+        last = step == max_steps - 1 or (time_budget_s is not None and metrics["elapsed_s"] > time_budget_s)
+        if step % 20 == 0 or last:
             acc = " ".join(f"{a:.2f}" for a in out["acc"])
             log(f"  step {step + 1}/{max_steps}  loss {out['loss']:.3f}  top-1 per depth {acc}  "
                 f"{metrics['elapsed_s']:.0f}s")
-        if time_budget_s is not None and metrics["elapsed_s"] > time_budget_s:
+        if heldout and ((step + 1) % eval_every == 0 or last):
+            metrics.update(evaluate(step + 1))
+        if last and step < max_steps - 1:
             log(f"  time budget reached at step {step + 1}")
             break
     drafter.eval()
     return metrics
 
 
-def build_dataset(engine, prompts: list[str], max_new_tokens: int, draft_vocab_size: int,
-                  log: Callable[[str], None] = print, chunk: int = 256) -> tuple[list[dict], torch.Tensor, dict]:
-    """Generate with the engine (half greedy, half T=1), then target features and labels."""
+def build_records(engine, prompts: list[str], max_new_tokens: int, log: Callable[[str], None] = print,
+                  chunk: int = 256, seed: int = 0) -> list[dict]:
+    """Generate with the engine (half greedy, half T=1 with top-p 0.95) and keep what it computed on the
+    way: one record per sequence, as the online drafter's buffer holds them (tokens, aux-layer states,
+    last hidden states; no second target pass)."""
     tok = engine.tokenizer
     ids = [tok.encode(tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                               add_generation_prompt=True)) for p in prompts]
+    records: list[dict] = []
     t0 = time.perf_counter()
     half = len(ids) // 2
-    greedy = {"temperature": 0, "max_new_tokens": max_new_tokens}
-    sampled = {"temperature": 1.0, "top_p": 0.95, "max_new_tokens": max_new_tokens, "sampling_seed": 0}
-    outs: list[dict] = []
-    n_tok = 0
-    # In chunks, with a progress line after each: generating for thousands of prompts takes minutes.
-    for start in range(0, len(ids), chunk):
-        end = min(start + chunk, len(ids))
-        for a, b, sp in ((start, min(end, half), greedy), (max(start, half), end, sampled)):
-            if a < b:
-                res = engine.generate(input_ids=ids[a:b], sampling_params=sp)
-                outs += res
-                n_tok += sum(len(o["output_ids"]) for o in res)
-        dt = time.perf_counter() - t0
-        log(f"  generated for {end}/{len(ids)} prompts: {n_tok} tokens, {n_tok / dt:.0f} tok/s, {dt:.0f}s")
-    seqs = [p + o["output_ids"] for p, o in zip(ids, outs)]
-    n_gen = sum(len(o["output_ids"]) for o in outs)
-    log(f"  generated {n_gen} tokens for {len(ids)} prompts in {time.perf_counter() - t0:.1f}s")
-    d2t = draft_vocab([o["output_ids"] for o in outs] + ids, draft_vocab_size, engine.model_config.vocab_size)
-    t0 = time.perf_counter()
-    data = target_features(engine, seqs, d2t, prompt_lens=[len(p) for p in ids])
-    log(f"  target features for {sum(len(s) for s in seqs)} positions in {time.perf_counter() - t0:.1f}s")
-    return data, d2t, {"prompts": len(ids), "generated_tokens": n_gen}
+    engine.set_drafter_data_sink(records.append)
+    try:
+        # In chunks, with a progress line after each: generating for thousands of prompts takes minutes.
+        for start in range(0, len(ids), chunk):
+            end = min(start + chunk, len(ids))
+            for a, b, sampled in ((start, min(end, half), False), (max(start, half), end, True)):
+                if a >= b:
+                    continue
+                sp = [{"temperature": 1.0, "top_p": 0.95, "max_new_tokens": max_new_tokens,
+                       "sampling_seed": seed * 1_000_003 + i} if sampled else
+                      {"temperature": 0, "max_new_tokens": max_new_tokens} for i in range(a, b)]
+                engine.generate(input_ids=ids[a:b], sampling_params=sp)
+            n_tok = sum(len(r["tokens"]) - r["prompt_len"] + 1 for r in records)
+            dt = time.perf_counter() - t0
+            log(f"  generated for {end}/{len(ids)} prompts: {n_tok} tokens, {n_tok / dt:.0f} tok/s, {dt:.0f}s")
+    finally:
+        engine.set_drafter_data_sink(None)
+    if len(records) != len(ids):
+        raise RuntimeError(f"the engine handed over {len(records)} records for {len(ids)} prompts")
+    return records
 
 
 def train_offline(engine, out_dir: str, *, num_prompts: int = 256, max_new_tokens: int = 160,
                   max_steps: int = 600, ttt_steps: int = 3, draft_vocab_size: int = 8192, batch_size: int = 8,
-                  lr: float = 2e-3, seed: int = 0, time_budget_s: float | None = None,
-                  data_cache: bool = False, resume: bool = False, log: Callable[[str], None] = print) -> dict:
-    """The whole offline recipe: data from the engine, training, the drafter folder written atomically."""
+                  lr: float = 2e-3, seed: int = 0, time_budget_s: float | None = None, self_prompts: float = 0.0,
+                  holdout: int = 64, window: int = 96, data_cache: bool = False, resume: bool = False,
+                  log: Callable[[str], None] = print) -> dict:
+    """The whole offline recipe: prompts (a `self_prompts` fraction written by the target itself, the rest
+    from templates), the target's generations and hidden states, training, the drafter folder written
+    atomically. `holdout` records (at most a quarter) are kept out of training and evaluated."""
     import os
 
-    from tlt.drafter_sync.prompts import training_prompts
+    from tlt.drafter_sync.buffer import DrafterDataBuffer, training_items
+    from tlt.drafter_sync.prompts import self_instruct_prompts, training_prompts
 
     cache = os.path.join(out_dir, "train_data.pt")
     if data_cache and os.path.exists(cache):
-        data, d2t, info = torch.load(cache)
-        log(f"reusing the data in {cache}")
+        records, info = torch.load(cache)
+        log(f"reusing the data in {cache}: {len(records)} records")
     else:
-        log(f"building data: {num_prompts} prompts x <= {max_new_tokens} new tokens")
-        data, d2t, info = build_dataset(engine, training_prompts(num_prompts, seed), max_new_tokens,
-                                        draft_vocab_size, log)
+        n_self = int(round(num_prompts * self_prompts))
+        log(f"building data: {num_prompts} prompts ({n_self} written by the target) x <= {max_new_tokens} new tokens")
+        prompts = training_prompts(num_prompts - n_self, seed)
+        if n_self:
+            prompts += self_instruct_prompts(engine, n_self, seed, log)
+        random.Random(seed).shuffle(prompts)
+        t0 = time.perf_counter()
+        records = build_records(engine, prompts, max_new_tokens, log, seed=seed)
+        gen = sum(len(r["tokens"]) - r["prompt_len"] + 1 for r in records)
+        info = {"prompts": len(prompts), "self_prompts": n_self, "generated_tokens": gen,
+                "data_s": round(time.perf_counter() - t0, 1)}
+        log(f"  generated {gen} tokens for {len(prompts)} prompts in {info['data_s']}s")
         if data_cache:
             os.makedirs(out_dir, exist_ok=True)
-            torch.save((data, d2t, info), cache)
+            torch.save((records, info), cache)
+    n_held = min(holdout, len(records) // 4)
+    held, train = records[:n_held], records[n_held:]
+    if not train:
+        raise ValueError(f"no training records left after holding out {holdout}")
+    d2t = draft_vocab([r["tokens"].tolist() for r in train], draft_vocab_size, engine.model_config.vocab_size)
     if resume and os.path.exists(os.path.join(out_dir, "config.json")):
         drafter = EagleDrafter.load(out_dir, engine.model_config)
         drafter.requires_grad_(True)
@@ -348,11 +417,25 @@ def train_offline(engine, out_dir: str, *, num_prompts: int = 256, max_new_token
     from tlt.engine.models.rope import RotaryTable
 
     mc = engine.model_config
-    longest = max(len(x["tokens"]) for x in data) + 8
+    longest = max(len(r["tokens"]) for r in records) + 8
     rope = RotaryTable(mc.head_dim, mc.rope_theta, mc.rope_scaling, longest, "cpu", torch.float32)
-    log(f"training: {max_steps} steps, batch {batch_size}, {ttt_steps} TTT steps, draft vocab {len(d2t)}")
-    metrics = train_drafter(drafter, embed, rope, data, steps=ttt_steps, max_steps=max_steps,
-                            batch_size=batch_size, lr=lr, seed=seed, log=log, time_budget_s=time_budget_s)
+
+    head = engine.model.head_weight.detach()[d2t.to(engine.device)]  # the LM head's draft-vocabulary rows
+    ident = torch.arange(len(d2t))
+
+    def label_fn(hidden: torch.Tensor) -> torch.Tensor:  # logits over the draft vocabulary only (6x cheaper)
+        return torch.nn.functional.linear(hidden.to(engine.device, engine.dtype), head).float()
+
+    buf = DrafterDataBuffer(sum(r["aux"].nbytes + r["hidden"].nbytes + r["tokens"].nbytes for r in train) + 1,
+                            recency_half_life=None)
+    for r in train:
+        buf.push(r)
+    heldout = training_items(held, label_fn, ident)  # whole records: the context inference sees
+    log(f"training: {max_steps} steps, batch {batch_size}, window {window}, {ttt_steps} TTT steps, "
+        f"draft vocab {len(d2t)}, {len(train)} records ({len(held)} held out)")
+    metrics = train_drafter(drafter, embed, rope, lambda n, g: buf.training_items(n, label_fn, ident, g, window),
+                            steps=ttt_steps, max_steps=max_steps, batch_size=batch_size, lr=lr, seed=seed,
+                            log=log, time_budget_s=time_budget_s, heldout=heldout)
     drafter.cfg.version = f"offline-{int(time.time())}"
     drafter.save(out_dir)
     log(f"wrote {out_dir}")
