@@ -241,3 +241,15 @@ def test_admitting_a_long_reservation_into_a_full_budget_spares_the_running(tiny
         assert list(it)[-1]["meta_info"]["finish_reason"]["type"] == "length"
     finally:
         e.shutdown()
+
+
+def test_an_admitted_batch_is_allocated_once(tiny_models):
+    """Rows added one by one would grow the tensors 8 -> 16 -> 32 -> 48 rows; the scheduler reserves the
+    whole admitted batch (siblings included) first."""
+    e = tlt.Engine(tiny_models["llama"], dtype="float32", device="cpu", random_seed=0)
+    try:
+        outs = e.generate(input_ids=_prompts([4 + i % 7 for i in range(20)], seed=5),
+                          sampling_params={**_greedy(3), "n": 2})
+        assert len(outs) == 40 and e.kv.allocations == 1 and e.kv.alloc_rows == 40
+    finally:
+        e.shutdown()

@@ -61,6 +61,8 @@ class Scheduler:
             rows += n
             longest = max(longest, reserve)
             max_prompt = new_max_prompt
+        if admitted:
+            self.kv.reserve(rows, longest)  # every row of the batch, siblings included, in one allocation
         for g in admitted:
             s = g.seqs[0]
             self.kv.add(s, self.reserve_len(g))
