@@ -342,3 +342,37 @@ def test_gumbel_rows_leave_the_other_rows_alone():
     mixed, _ = sample(logits, sb, u, (torch.tensor([2]), g.unsqueeze(0)))
     assert mixed[:2].tolist() == plain[:2].tolist()
     assert mixed[2].item() == (torch.log_softmax(logits[2], -1) + g).argmax().item()
+
+
+def test_kept_set_over_the_top_candidates_equals_a_full_sort():
+    """kept_set ranks the 256 most probable tokens and sorts the whole vocabulary only for rows whose kept
+    set reaches a tie with the last candidate: equal to the full stable sort for peaked rows, flat rows,
+    ties at the candidate boundary, and every truncation rule."""
+    from tlt.engine import sampling
+
+    Vb = 5000
+    g = torch.Generator().manual_seed(3)
+    rows = [torch.randn(Vb, generator=g) * s for s in (0.3, 1.0, 3.0, 8.0)]  # flat .. peaked
+    flat = torch.zeros(Vb)
+    flat[:10] = 5.0  # ten tied leaders over a flat floor: the kept set reaches the floor's ties
+    rows.append(flat)
+    tied = torch.randn(Vb, generator=g) * 4
+    top = tied.topk(300).indices
+    tied[top[250:300]] = float(tied[top[250]])  # 50 ties straddling the 256th candidate
+    rows.append(tied)
+    logits = torch.stack(rows)
+    settings = [dict(top_p=0.5), dict(top_p=0.95), dict(top_p=0.999), dict(top_k=1), dict(top_k=40),
+                dict(top_k=256), dict(top_k=300), dict(min_p=0.05), dict(min_p=1e-5),
+                dict(top_k=100, top_p=0.9, min_p=0.01)]
+    used_fallback = used_candidates = False
+    for kw in settings:
+        for t in (0.7, 1.0, 1.5):
+            ps = [params(temperature=t, **kw)] * len(rows)
+            sb = batch(*ps, vocab=Vb)
+            probs = torch.softmax(scaled_logits(logits, sb), dim=-1)
+            want = sampling._kept_full(probs, sb)
+            assert torch.equal(sampling.kept_set(probs, sb), want), (kw, t)
+            n_kept = want.sum(-1)
+            used_fallback |= bool((n_kept > 200).any())
+            used_candidates |= bool((n_kept < 200).any())
+    assert used_fallback and used_candidates  # both paths were exercised

@@ -138,17 +138,54 @@ def warped_probs(scaled: torch.Tensor, sb: SamplingBatch) -> torch.Tensor:
     probs = torch.softmax(scaled, dim=-1)
     if not sb.needs_truncation:
         return probs
-    # Kept set (as SGLang): rank < k, and mass of strictly more probable tokens < top_p, and
-    # p >= min_p * p_max. Sorted once; a stable sort keeps ties in vocabulary order.
+    return probs * kept_set(probs, sb)
+
+
+# Candidates ranked before falling back to a full sort: a nucleus is rarely wider (a full stable sort of
+# [128, 49152] took 480 ms on the 2-core CPU, topk(256) 32 ms).
+_TOP_CANDIDATES = 256
+
+
+def kept_set(probs: torch.Tensor, sb: SamplingBatch) -> torch.Tensor:
+    """The tokens top-k, top-p and min-p keep, as SGLang: rank < k, mass of strictly more probable tokens
+    < top_p, and p >= min_p * p_max; ties ranked in vocabulary order. [B, V] bool.
+
+    Ranked among each row's `_TOP_CANDIDATES` most probable tokens first. That is exact whenever the kept
+    set holds no token tied with the last candidate: every token ahead of a kept one in the full order is
+    then a candidate too, so ranks, masses and p_max are the same. Rows where it does not hold (a flat
+    distribution whose nucleus is wider) are ranked over the whole vocabulary."""
+    if probs.shape[-1] <= _TOP_CANDIDATES:
+        return _kept_full(probs, sb)
+    vals, ids = probs.topk(_TOP_CANDIDATES, dim=-1)
+    ids, by_id = ids.sort(dim=-1)  # candidates in vocabulary order, then a stable sort by probability
+    vals, order = vals.gather(1, by_id).sort(dim=-1, descending=True, stable=True)
+    ids = ids.gather(1, order)
+    keep = torch.zeros(probs.shape, dtype=torch.bool, device=probs.device)
+    keep_top = _kept_sorted(vals, sb)
+    exact = ~(keep_top & (vals == vals[:, -1:])).any(dim=-1)
+    keep.scatter_(1, ids, keep_top & exact.unsqueeze(-1))
+    wide = (~exact).nonzero().squeeze(1)
+    if len(wide):
+        keep[wide] = _kept_full(probs[wide], sb.select(wide))
+    return keep
+
+
+def _kept_full(probs: torch.Tensor, sb: SamplingBatch) -> torch.Tensor:
+    """`kept_set` by a stable sort of the whole vocabulary."""
     sorted_p, order = probs.sort(dim=-1, descending=True, stable=True)
+    keep = torch.zeros(probs.shape, dtype=torch.bool, device=probs.device)
+    return keep.scatter_(1, order, _kept_sorted(sorted_p, sb))
+
+
+def _kept_sorted(sorted_p: torch.Tensor, sb: SamplingBatch) -> torch.Tensor:
+    """Kept flags [B, K] for probabilities sorted in descending order (ties in vocabulary order)."""
     before = sorted_p.cumsum(dim=-1) - sorted_p
-    ranks = torch.arange(probs.shape[-1], device=probs.device).unsqueeze(0)
+    ranks = torch.arange(sorted_p.shape[-1], device=sorted_p.device).unsqueeze(0)
     top_p = sb.top_p.unsqueeze(-1)
     keep = (ranks < sb.top_k.unsqueeze(-1)) & ((before < top_p) | (top_p >= 1.0))
     keep &= sorted_p >= sb.min_p.unsqueeze(-1) * sorted_p[:, :1]
     keep[:, 0] = True
-    keep_vocab = torch.zeros_like(keep).scatter_(1, order, keep)
-    return probs * keep_vocab
+    return keep
 
 
 def inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
