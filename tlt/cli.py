@@ -105,6 +105,8 @@ def cmd_bench(args, rest: list[str]) -> None:
         from benchmarks.rl_grpo import main as bench_main
     elif args.which == "sampling":
         from benchmarks.sampling_speed import main as bench_main
+    elif args.which == "drafter-eval":
+        from benchmarks.drafter_eval import main as bench_main
     else:
         raise SystemExit(f"unknown benchmark {args.which!r}")
     bench_main(rest)
@@ -133,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("demo", help="the main job (make run): GRPO without and with tlt (see tlt demo --help)",
                    add_help=False)
     b = sub.add_parser("bench", help="benchmarks: engine | spec | adaptive | drafter-drift | rl", add_help=False)
-    b.add_argument("which", choices=["engine", "spec", "adaptive", "drafter-drift", "rl", "sampling"])
+    b.add_argument("which", choices=["engine", "spec", "adaptive", "drafter-drift", "rl", "sampling", "drafter-eval"])
     sub.add_parser("serve", help="SGLang-compatible HTTP server (see tlt serve --help)", add_help=False)
     t = sub.add_parser("train-drafter", help="train an EAGLE-style drafter on the engine's own outputs")
     _engine_args(t)

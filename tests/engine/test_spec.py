@@ -3,6 +3,8 @@ exactly the target's distribution for unseeded sampling (chi-square), chain and 
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from tiny_models import make_tiny_checkpoint
@@ -315,3 +317,34 @@ def test_coupling_accepts_everything_when_drafter_equals_target(target_dir, draf
     assert m["spec_accept_token_num"] == 3 * m["spec_verify_ct"], m["spec_accept_histogram"]
     assert len(set(out["output_ids"])) > 20  # and the tokens are random, not a constant
     e.shutdown()
+
+
+TRAINED_DRAFTER = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "drafters", "smollm2")
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(TRAINED_DRAFTER, "config.json")),
+                    reason="the trained SmolLM2 drafter (benchmarks/drafters/smollm2) is not in this checkout")
+@pytest.mark.parametrize("cfg", [(4, 1, None), (4, 2, 8)], ids=["chain-s4", "tree-s4k2n8"])
+def test_smollm2_with_its_trained_drafter_is_token_identical(smol_engine, cfg):
+    """The real target with the drafter that accepts most (float32): greedy and seeded top-p outputs and
+    their logprobs equal plain decoding's, in a batch of mixed prompt lengths."""
+    tok = smol_engine.tokenizer
+    prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                                  add_generation_prompt=True))
+               for q in ("Explain why the sky is blue.", "Ann has 12 apples and gets 7 more. How many now?",
+                         "Write a haiku about autumn leaves falling on a quiet pond at dusk.")]
+    sps = [{"temperature": 0, "max_new_tokens": 40},
+           {"temperature": 1.0, "top_p": 0.95, "sampling_seed": 11, "max_new_tokens": 40}]
+    e = tlt.Engine(dtype="float32", random_seed=0, speculative_draft_model_path=TRAINED_DRAFTER,
+                   speculative_num_steps=cfg[0], speculative_eagle_topk=cfg[1], speculative_num_draft_tokens=cfg[2])
+    try:
+        for sp in sps:
+            want = smol_engine.generate(input_ids=prompts, sampling_params=sp, return_logprob=True)
+            got = e.generate(input_ids=prompts, sampling_params=sp, return_logprob=True)
+            for w, g in zip(want, got):
+                assert g["output_ids"] == w["output_ids"]
+                assert torch.allclose(torch.tensor(_lps(g)), torch.tensor(_lps(w)), atol=1e-4)
+        st = e.get_stats()
+        assert st["spec_accepted_tokens"] / st["spec_verify_rounds"] > 0.5  # the drafter is really accepted
+    finally:
+        e.shutdown()
