@@ -134,8 +134,9 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--seed", type=int, default=None, help="sampling_seed (reproducible sampling)")
     sub.add_parser("demo", help="the main job (make run): GRPO without and with tlt (see tlt demo --help)",
                    add_help=False)
-    b = sub.add_parser("bench", help="benchmarks: engine | spec | adaptive | drafter-drift | rl | sampling | drafter-eval", add_help=False)
-    b.add_argument("which", choices=["engine", "spec", "adaptive", "drafter-drift", "rl", "sampling", "drafter-eval"])
+    benches = ["engine", "spec", "adaptive", "drafter-drift", "rl", "sampling", "drafter-eval"]
+    b = sub.add_parser("bench", help="benchmarks: " + " | ".join(benches), add_help=False)
+    b.add_argument("which", choices=benches)
     sub.add_parser("serve", help="SGLang-compatible HTTP server (see tlt serve --help)", add_help=False)
     t = sub.add_parser("train-drafter", help="train an EAGLE-style drafter on the engine's own outputs")
     _engine_args(t)
