@@ -44,21 +44,53 @@ def seeded_gumbel_rows(keys: list[tuple[int, int, int]], vocab_size: int, device
     """`seeded_gumbel` for many (seed, sample index, position) keys at once -> [len(keys), vocab].
 
     Seeded rollouts pay this for every row and position (256 rows x 49k tokens per decode step), so it is
-    built for speed: numpy's PCG64 draws the 53-bit uniforms (about 2x torch's CPU generator), then one
-    float32 transform over the whole batch (`gumbel_from_uniform`).
+    built for speed: counter-based uniforms (`seeded_uniforms`, a C kernel when built), then one float32
+    transform over the whole batch (`gumbel_from_uniform`).
     """
-    u = np.empty((len(keys), vocab_size), dtype=np.float64)
-    for i, (seed, index, pos) in enumerate(keys):
-        h = _splitmix64(_splitmix64(_splitmix64(seed & _MASK64) ^ (index & _MASK64)) ^ (pos & _MASK64))
-        np.random.Generator(np.random.PCG64(h)).random(out=u[i])
-    return gumbel_from_uniform(torch.from_numpy(u)).to(device)
+    return gumbel_from_uniform(seeded_uniforms(keys, vocab_size)).to(device)
+
+
+_GAMMA = 0x9E3779B97F4A7C15  # SplitMix64's increment (2^64 / golden ratio)
+_NUMPY_ROWS = 64  # rows per block on the numpy path (its uint64 temporaries are 8 bytes per token)
+
+
+def stream_state(seed: int, sample_index: int, position: int) -> int:
+    """The 64-bit state of the uniform stream of (seed, sample index, position): a SplitMix64 hash chain."""
+    return _splitmix64(_splitmix64(_splitmix64(seed & _MASK64) ^ (sample_index & _MASK64)) ^ (position & _MASK64))
+
+
+def seeded_uniforms(keys: list[tuple[int, int, int]], vocab_size: int) -> torch.Tensor:
+    """Uniforms in [0, 1) [len(keys), vocab] (float32, CPU), a pure function of each key.
+
+    Token j of key k gets the j-th output of the SplitMix64 stream with state `stream_state(*k)`: 53
+    random bits scaled by 2^-53 (exact in float64), then rounded once to float32, which keeps full
+    relative precision near 0 (where the Gumbel tail is decided, see `gumbel_from_uniform`). Counter-based,
+    so every token's uniform is computed independently: the C kernel (`kernels.splitmix_uniform`,
+    vectorised) and the numpy path here produce the same bits; which one runs never changes a sample.
+    """
+    states = [stream_state(*k) for k in keys]
+    if kernels.available():
+        signed = torch.tensor([s - (1 << 64) if s >> 63 else s for s in states], dtype=torch.int64)
+        return kernels.splitmix_uniform(signed, vocab_size)
+    out = torch.empty((len(states), vocab_size), dtype=torch.float32)
+    step = np.arange(1, vocab_size + 1, dtype=np.uint64) * np.uint64(_GAMMA)  # wraps modulo 2^64
+    for i in range(0, len(states), _NUMPY_ROWS):
+        z = np.array(states[i : i + _NUMPY_ROWS], dtype=np.uint64)[:, None] + step
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z ^= z >> np.uint64(31)
+        u = (z >> np.uint64(11)).astype(np.float64) * 2.0**-53
+        out[i : i + _NUMPY_ROWS] = torch.from_numpy(u.astype(np.float32))
+    return out
 
 
 def gumbel_from_uniform(u: torch.Tensor) -> torch.Tensor:
-    """Standard Gumbel noise (float32) from float64 uniforms in [0, 1): G = -log(E), E = -log1p(-u) ~ Exp(1).
+    """Standard Gumbel noise (float32) from uniforms in [0, 1): G = -log(E), E = -log1p(-u) ~ Exp(1).
+    A float32 `u` is transformed in place.
 
-    The uniforms must have 53-bit resolution near 0: the top of the Gumbel tail (what wins an argmax) comes
-    from the smallest u, and 24-bit float32 uniforms would quantise it. The arithmetic is float32, which
+    The uniforms must have fine resolution near 0 (53 random bits, as drawn here, then float32, whose
+    relative precision is the same at every scale): the top of the Gumbel tail (what wins an argmax) comes
+    from the smallest u, and uniforms on a fixed 2^-24 grid would quantise it. The arithmetic is float32, which
     keeps full relative precision there; u is clamped below 1 so that no token's score becomes -inf.
     """
     x = u.float().clamp_(max=1.0 - 2.0**-24)
@@ -78,12 +110,13 @@ class SamplingBatch:
     truncates: torch.Tensor  # [B] bool: this row samples with top-k / top-p / min-p
     all_greedy: bool  # host copies of greedy.all() and truncates.any(): no device sync per use
     needs_truncation: bool
+    unit_scale: bool = False  # every row greedy or at temperature 1: scaling is the identity
 
     def select(self, rows: torch.Tensor) -> SamplingBatch:
         """The settings of a subset of rows (a new batch of len(rows) rows)."""
-        greedy, truncates = self.greedy[rows], self.truncates[rows]
-        return SamplingBatch(self.temperature[rows], self.top_k[rows], self.top_p[rows], self.min_p[rows], greedy,
-                             truncates, bool(greedy.all()), bool(truncates.any()))
+        greedy, truncates, temp = self.greedy[rows], self.truncates[rows], self.temperature[rows]
+        return SamplingBatch(temp, self.top_k[rows], self.top_p[rows], self.min_p[rows], greedy, truncates,
+                             bool(greedy.all()), bool(truncates.any()), bool((greedy | (temp == 1.0)).all()))
 
 
 def build_sampling_batch(params_list, vocab_size: int, device) -> SamplingBatch:
@@ -104,6 +137,7 @@ def build_sampling_batch(params_list, vocab_size: int, device) -> SamplingBatch:
         truncates=torch.tensor(truncates, dtype=torch.bool, device=device),
         all_greedy=all(greedy),
         needs_truncation=any(truncates),
+        unit_scale=all(g or t == 1.0 for g, t in zip(greedy, temps)),
     )
 
 
@@ -126,8 +160,9 @@ def apply_penalties(logits: torch.Tensor, rows: list[int], output_ids: list[list
 
 
 def scaled_logits(logits: torch.Tensor, sb: SamplingBatch) -> torch.Tensor:
-    """Logits divided by temperature (greedy rows unchanged). [B, V] -> [B, V]."""
-    if sb.all_greedy:
+    """Logits divided by temperature (greedy rows unchanged). [B, V] -> [B, V]; `logits` itself when no row
+    scales (x / 1 == x exactly: RL rollouts at T = 1 skip a full-vocabulary pass per step)."""
+    if sb.all_greedy or sb.unit_scale:
         return logits
     t = torch.where(sb.greedy, torch.ones_like(sb.temperature), sb.temperature)
     return logits / t.unsqueeze(-1)

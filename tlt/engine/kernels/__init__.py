@@ -2,7 +2,9 @@
 
 Why: on a 2-core CPU a decode step of a small model is ~40 tiny torch ops per layer around 4 matmuls,
 and their dispatch costs as much as the matmuls. Three fused kernels (residual add + RMSNorm, rotary +
-KV-cache write, SiLU x up) cut that to a handful of calls per layer.
+KV-cache write, SiLU x up) cut that to a handful of calls per layer. Two more serve sampling: a
+row-parallel argmax, and the counter-based uniforms of seeded sampling (integer arithmetic, so the numpy
+fallback in sampling.py gives the same bits: no sample depends on whether a compiler was there).
 
 The C file is compiled with the system C compiler into a per-user cache the first time it is needed
 (~0.3 s) and loaded with ctypes: no torch headers, no build step at install time. Without a compiler,
@@ -38,6 +40,7 @@ _SIGNATURES = {
     "tlt_rope_kv": [_i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64],
     "tlt_silu_mul": [_i64, _i64, _ptr, _ptr],
     "tlt_argmax_f32": [_i64, _i64, _ptr, _ptr],
+    "tlt_splitmix_uniform_f32": [_i64, _i64, _ptr, _ptr],
 }
 
 
@@ -164,4 +167,15 @@ def argmax(x: torch.Tensor) -> torch.Tensor:
         raise ValueError("argmax kernel needs a contiguous float32 CPU [n, v] tensor")
     out = torch.empty(x.shape[0], dtype=torch.int64)
     _lib.tlt_argmax_f32(x.shape[0], x.shape[1], x.data_ptr(), out.data_ptr())
+    return out
+
+
+def splitmix_uniform(keys: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Counter-based uniforms (see sampling.seeded_uniforms): int64 keys [n] (the uint64 stream states,
+    two's complement) -> float32 [n, vocab_size]."""
+    _check()
+    if keys.dtype != torch.int64 or keys.device.type != "cpu" or not keys.is_contiguous() or keys.dim() != 1:
+        raise ValueError("splitmix_uniform needs a contiguous int64 CPU [n] tensor of keys")
+    out = torch.empty((keys.shape[0], vocab_size), dtype=torch.float32)
+    _lib.tlt_splitmix_uniform_f32(keys.shape[0], vocab_size, keys.data_ptr(), out.data_ptr())
     return out

@@ -162,3 +162,22 @@ void tlt_argmax_f32(int64_t n, int64_t v, const float *x, int64_t *out) {
         out[r] = idx;
     }
 }
+
+/* Counter-based uniforms for seeded sampling: out[r, j] = (float)(mix64(keys[r] + (j + 1) * GAMMA) >> 11) * 2^-53,
+ * the SplitMix64 stream of state keys[r] (sampling.py `seeded_uniforms`; its numpy path computes the same bits).
+ * Integer arithmetic and one correctly rounded double -> float conversion: exact on every machine. */
+void tlt_splitmix_uniform_f32(int64_t n, int64_t v, const uint64_t *keys, float *out) {
+#pragma omp parallel for schedule(static) if (n * v >= 4 * PAR_MIN)
+    for (int64_t r = 0; r < n; r++) {
+        const uint64_t k = keys[r];
+        float *o = out + r * v;
+#pragma omp simd
+        for (int64_t j = 0; j < v; j++) {
+            uint64_t z = k + (uint64_t)(j + 1) * 0x9E3779B97F4A7C15ULL;
+            z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+            z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+            z ^= z >> 31;
+            o[j] = (float)((double)(z >> 11) * 0x1.0p-53);
+        }
+    }
+}
