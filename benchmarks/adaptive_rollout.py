@@ -15,7 +15,9 @@ the tail — set by whichever sample ends last — differs by chance. Fixed leng
 
 One engine (one model load, one drafter) serves every run: `set_speculation` fixes the arm for the static
 runs ('off' and each of `--arms`); the adaptive run lets the bandit choose among the same arms and plain
-decoding, starting cold (fixed-arm rounds do not feed it), after one discarded warm-up rollout. Reported per
+decoding, starting cold (reset before the run; fixed-arm rounds do not feed it), after one discarded warm-up
+rollout. 'off' and 'adaptive' run twice, interleaved, and each is reported at its faster run (both repeats
+are in the JSON): the comparison the headline rests on then does not depend on run order. Reported per
 run: total time, time in the tail phase (from the first round with <= `--tail` active sequences to the end),
 tokens, the arm mix, and whether the outputs are token-identical to the no-speculation run (seeded sampling:
 they should be, up to bfloat16 near-ties). Headline keys: `speedup_total` and `speedup_tail` (adaptive vs no
@@ -140,13 +142,25 @@ def bench(model_path, drafter: str, arms: list[str], kind: str, prompts: int, n:
     engine.set_speculation("off")
     log("  warm-up run (off, discarded)")
     _run(engine, "off", ids, sps, tail, lambda m: None)
-    runs = []
-    for mode in ["adaptive", "off", *arms]:  # the bandit starts cold whatever the order
+    # off and adaptive twice, interleaved, each reported at its faster run: both then see the same drift of
+    # a shared machine (measured: the first run after the warm-up ran ~4% slower than the same run later).
+    # The bandit is reset before each adaptive run: it starts cold every time.
+    runs, repeats = [], {}
+    for mode in ["off", "adaptive", "off", "adaptive", *arms]:
+        if mode == "adaptive":
+            engine.reset_selector()
         log(f"  run {mode}")
         r = _run(engine, mode, ids, sps, tail, log)
         log(f"  {mode}: {r['total_s']:.1f} s total, tail {r['tail_s']:.1f} s, {r['tok_per_s']:.1f} tok/s, "
             f"arms {r['arm_rounds']}")
-        runs.append(r)
+        repeats.setdefault(mode, []).append(round(r["total_s"], 2))
+        prev = next((i for i, x in enumerate(runs) if x["mode"] == mode), None)
+        if prev is None:
+            runs.append(r)
+        elif r["total_s"] < runs[prev]["total_s"]:
+            runs[prev] = r
+    for r in runs:
+        r["repeats_total_s"] = repeats[r["mode"]]
     engine.shutdown()
     by = {r["mode"]: r for r in runs}
     ref = by["off"]["outputs"]

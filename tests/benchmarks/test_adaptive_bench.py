@@ -33,9 +33,10 @@ def test_adaptive_bench_writes_json_and_timeline(tiny_models, tmp_path):
     res = json.loads(out.read_text())
     for key in ("speedup_total", "speedup_tail", "vs_best_static", "best_static", "runs", "workload", "machine"):
         assert key in res
-    assert [r["mode"] for r in res["runs"]] == ["adaptive", "off", "s2k1n3", "s3k2n5"]
+    assert [r["mode"] for r in res["runs"]] == ["off", "adaptive", "s2k1n3", "s3k2n5"]
+    assert [len(r["repeats_total_s"]) for r in res["runs"]] == [2, 2, 1, 1]  # off and adaptive run twice
     tokens = {r["tokens"] for r in res["runs"]}
     assert len(tokens) == 1  # float32, seeded: every run emits the same samples
     assert all(r["identical_to_off"] == 1.0 for r in res["runs"])
-    assert set(res["runs"][1]["arm_rounds"]) == {"off"} and set(res["runs"][2]["arm_rounds"]) == {"s2k1n3"}
+    assert set(res["runs"][0]["arm_rounds"]) == {"off"} and set(res["runs"][2]["arm_rounds"]) == {"s2k1n3"}
     assert os.path.exists(res["plot"])

@@ -76,6 +76,11 @@ def test_set_speculation(target_dir, drafters):
     with pytest.raises(ValueError):
         e.set_speculation("bogus")
     e.set_speculation("adaptive")
+    e.generate(input_ids=PROMPTS, sampling_params=sp)
+    assert e.get_stats()["speculation"]["estimates"]["yield"]  # the bandit learned something
+    cfg = e.selector.cfg
+    e.reset_selector()
+    assert e.get_stats()["speculation"]["estimates"] == {"yield": {}} and e.selector.cfg is cfg
     e.shutdown()
     plain = tlt.Engine(target_dir, dtype="float32", speculative_draft_model_path=drafters[0])
     with pytest.raises(ValueError, match="speculative_adaptive"):

@@ -123,10 +123,29 @@ def test_config_validation():
         SelectorConfig(warmup=5, window=2)
 
 
+def test_speculation_is_first_tried_at_small_batches_then_grows_upwards():
+    """Cold at 64 sequences: plain only, whatever epsilon says. Once a chain pays at batch 8, the tree
+    (never measured) is warmed up at 16; where speculation lost below (here: at 8), not at 16 either."""
+    sel = ArmSelector([CHAIN, TREE], SelectorConfig(epsilon=1.0, cold_bucket=8), seed=0)
+    assert {arm_name(sel.choose(64)) for _ in range(20)} == {"off"}
+    for _ in range(2):
+        sel.update(8, None, 8, 0.05)
+        sel.update(8, CHAIN, 16, 0.06)  # 1.67x plain's goodput at batch 8
+    assert sel.choose(16) == TREE
+    losing = ArmSelector([CHAIN, TREE], SelectorConfig(epsilon=0.0, cold_bucket=8), seed=0)
+    for _ in range(2):
+        losing.update(8, None, 8, 0.05)
+        losing.update(8, CHAIN, 8, 0.2)  # 0.25x plain at batch 8
+        losing.update(16, None, 16, 0.06)
+    assert {arm_name(losing.choose(16)) for _ in range(10)} == {"off"}
+    assert losing.count(16, TREE) == 0
+
+
 def test_hopeless_arms_are_not_explored_where_exploring_is_costly():
     """At a large batch a cheap speculative arm measures 0.3x plain: the costlier arms are never warmed up
     there, and epsilon never picks the hopeless one; from a cold start at batch 1 everything is tried."""
-    sel = ArmSelector([CHAIN, TREE], SelectorConfig(epsilon=1.0), seed=0)  # always explore, if allowed
+    # cold_bucket=64: warm-up allowed at 64 (as on a GPU where speculation can pay there)
+    sel = ArmSelector([CHAIN, TREE], SelectorConfig(epsilon=1.0, cold_bucket=64), seed=0)
     picks = []
     for _ in range(50):
         arm = sel.choose(64)

@@ -506,6 +506,16 @@ class Engine:
 
         self._call(fix)
 
+    def reset_selector(self) -> None:
+        """Forget everything the adaptive bandit learned (a new task or model; a benchmark that must start
+        cold). No-op without `speculative_adaptive`."""
+        if self.selector is None:
+            return
+        from tlt.engine.spec.selector import ArmSelector
+
+        old = self.selector
+        self._call(lambda: setattr(self, "selector", ArmSelector(old.arms, old.cfg, seed=self.config.random_seed)))
+
     def update_drafter(self, drafter, version: str | None = None) -> None:
         """Swap in a new drafter (an `EagleDrafter` or a drafter folder) between two decode rounds.
 
