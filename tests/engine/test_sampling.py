@@ -16,12 +16,14 @@ from tlt.engine import kernels
 from tlt.engine.sampling import (
     apply_penalties,
     build_sampling_batch,
+    gumbel_of_states,
     inverse_cdf,
     sample,
     scaled_logits,
     seeded_gumbel,
+    seeded_gumbel_argmax,
     seeded_gumbel_rows,
-    seeded_uniforms,
+    stream_states,
     warped_probs,
 )
 from tlt.engine.sampling_params import SamplingParams
@@ -318,22 +320,44 @@ def test_seeded_gumbel_values_are_pinned():
                                                                           abs=1e-6)
 
 
-def test_seeded_uniforms_kernel_and_numpy_paths_agree_bit_for_bit(monkeypatch):
-    """Which path runs (C kernel or numpy) must never change a seeded sample."""
+def test_seeded_noise_kernel_and_numpy_paths_agree_bit_for_bit(monkeypatch):
+    """Which path runs (C kernel or numpy) must never change a seeded sample: the noise, and the fused
+    Gumbel-max draw, are bit-identical; and the float32 logs are accurate (vs float64)."""
     keys = [(0, 0, 0), (1234, 1, 5), (2**64 - 1, 2**63, 7), (-3, 5, 2**40)]
     keys += [(9, i, j) for i in range(3) for j in range(40)]
     if not kernels.available():
         pytest.skip("no C compiler: only the numpy path exists")
-    fast = seeded_uniforms(keys, 1000)
+    V = 3000
+    states = stream_states(keys)
+    fast = gumbel_of_states(states, V)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(len(keys), V, generator=g) * 3
+    x[1, :10] = float("-inf")  # a truncated row
+    fused = seeded_gumbel_argmax(x, states)
+    assert torch.equal(fused, (x + fast).argmax(dim=-1))
     monkeypatch.setattr(kernels, "available", lambda: False)
-    slow = seeded_uniforms(keys, 1000)
+    slow = gumbel_of_states(states, V)
     assert fast.dtype == slow.dtype == torch.float32
     assert torch.equal(fast, slow)
-    assert 0.0 <= float(fast.min()) and float(fast.max()) <= 1.0
+    assert torch.equal(seeded_gumbel_argmax(x, states), fused)
+    # Against float64 math on the same float32 uniforms: a few float32 ulps at most.
+    u = seeded_uniforms(keys, V).double().clamp(max=1 - 2.0**-24)
+    ref = -torch.log(-torch.log1p(-u)).float()
+    assert torch.allclose(fast, ref, rtol=3e-6, atol=3e-6)
     # 53 random bits before rounding: small uniforms are not stuck on a 2^-24 grid.
     u = seeded_uniforms([(1, 0, p) for p in range(8)], 49152).double()
     small = u[u < 2.0**-10] * 2.0**24
     assert len(small) > 100 and (small != small.round()).float().mean() > 0.9
+
+
+def seeded_uniforms(keys, V) -> torch.Tensor:
+    """The float32 uniforms behind `gumbel_of_states` (numpy, the definition)."""
+    step = np.arange(1, V + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    z = stream_states(keys).numpy().view(np.uint64)[:, None] + step
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z ^= z >> np.uint64(31)
+    return torch.from_numpy(((z >> np.uint64(11)).astype(np.float64) * 2.0**-53).astype(np.float32))
 
 
 def test_gumbel_max_rows_draw_the_warped_distribution_chi_square():

@@ -47,6 +47,7 @@ from tlt.engine.sampling import (
     gumbel_from_uniform,
     sample,
     seeded_gumbel_rows,
+    stream_states,
 )
 from tlt.engine.sampling_params import SamplingParams, SamplingParamsError
 from tlt.engine.scheduler import Scheduler
@@ -1023,9 +1024,10 @@ class Engine:
             d = depth[rows]  # [R, N]
             gumbel = ((rows.view(-1, 1) * N + torch.arange(N, device=dev)).reshape(-1),
                       g[torch.arange(len(rows), device=dev).view(-1, 1), d].reshape(-1, V))
+        elif g_rows and len(keys) == len(g_rows):  # one key per row (plain decoding): noise fused into the draw
+            gumbel = (torch.tensor(g_rows, device=dev), stream_states(list(keys)))
         elif g_rows:
-            noise = seeded_gumbel_rows(list(keys), V, dev)
-            gumbel = (torch.tensor(g_rows, device=dev), noise if len(keys) == len(g_rows) else noise[g_keys])
+            gumbel = (torch.tensor(g_rows, device=dev), seeded_gumbel_rows(list(keys), V, dev)[g_keys])
         want_lp = [b for b, s in enumerate(seqs) if s.group.return_logprob]
         tokens, logprobs = sample(logits.reshape(B * N, V), sb, u.reshape(-1), gumbel, need_logprobs=bool(want_lp))
         target = tokens.view(B, N).tolist()

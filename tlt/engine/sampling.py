@@ -41,13 +41,13 @@ def seeded_gumbel(seed: int, sample_index: int, position: int, vocab_size: int, 
 
 
 def seeded_gumbel_rows(keys: list[tuple[int, int, int]], vocab_size: int, device) -> torch.Tensor:
-    """`seeded_gumbel` for many (seed, sample index, position) keys at once -> [len(keys), vocab].
+    """`seeded_gumbel` for many (seed, sample index, position) keys at once -> [len(keys), vocab] float32.
 
-    Seeded rollouts pay this for every row and position (256 rows x 49k tokens per decode step), so it is
-    built for speed: counter-based uniforms (`seeded_uniforms`, a C kernel when built), then one float32
-    transform over the whole batch (`gumbel_from_uniform`).
+    Seeded rollouts pay this for every row and position (256 rows x 49k tokens per decode step), so it is a
+    C kernel when the kernels are built (~25 us per 49k-token row); the numpy path computes the same bits.
+    Plain decoding does not even materialise it: `seeded_gumbel_argmax` fuses it into the draw.
     """
-    return gumbel_from_uniform(seeded_uniforms(keys, vocab_size)).to(device)
+    return gumbel_of_states(stream_states(keys), vocab_size).to(device)
 
 
 _GAMMA = 0x9E3779B97F4A7C15  # SplitMix64's increment (2^64 / golden ratio)
@@ -55,33 +55,83 @@ _NUMPY_ROWS = 64  # rows per block on the numpy path (its uint64 temporaries are
 
 
 def stream_state(seed: int, sample_index: int, position: int) -> int:
-    """The 64-bit state of the uniform stream of (seed, sample index, position): a SplitMix64 hash chain."""
+    """The 64-bit state of the noise stream of (seed, sample index, position): a SplitMix64 hash chain."""
     return _splitmix64(_splitmix64(_splitmix64(seed & _MASK64) ^ (sample_index & _MASK64)) ^ (position & _MASK64))
 
 
-def seeded_uniforms(keys: list[tuple[int, int, int]], vocab_size: int) -> torch.Tensor:
-    """Uniforms in [0, 1) [len(keys), vocab] (float32, CPU), a pure function of each key.
+def stream_states(keys: list[tuple[int, int, int]]) -> torch.Tensor:
+    """`stream_state` of each key, as an int64 CPU tensor holding the uint64 bits (two's complement)."""
+    return torch.tensor([(s - (1 << 64)) if s >> 63 else s for s in (stream_state(*k) for k in keys)],
+                        dtype=torch.int64)
 
-    Token j of key k gets the j-th output of the SplitMix64 stream with state `stream_state(*k)`: 53
-    random bits scaled by 2^-53 (exact in float64), then rounded once to float32, which keeps full
-    relative precision near 0 (where the Gumbel tail is decided, see `gumbel_from_uniform`). Counter-based,
-    so every token's uniform is computed independently: the C kernel (`kernels.splitmix_uniform`,
-    vectorised) and the numpy path here produce the same bits; which one runs never changes a sample.
+
+def gumbel_of_states(states: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Gumbel noise [n, vocab] (float32, CPU) of each stream state (int64 [n], see `stream_states`).
+
+    Token j of a stream: u = the (j+1)-th SplitMix64 output's top 53 bits x 2^-53 (exact in float64),
+    rounded once to float32 (full relative precision near 0), clamped below 1; then G = -log(-log1p(-u))
+    by the float32 functions `_log_f32` / `_log1p_f32`. Counter-based, so every token's noise is computed on
+    its own, and every step is integer arithmetic or one correctly rounded float32 operation in a fixed
+    order: the C kernel (`kernels.seeded_gumbel`, vectorised) and this numpy path give the same bits, so
+    which one runs never changes a sample.
     """
-    states = [stream_state(*k) for k in keys]
     if kernels.available():
-        signed = torch.tensor([s - (1 << 64) if s >> 63 else s for s in states], dtype=torch.int64)
-        return kernels.splitmix_uniform(signed, vocab_size)
-    out = torch.empty((len(states), vocab_size), dtype=torch.float32)
+        return kernels.seeded_gumbel(states.contiguous(), vocab_size)
+    st = states.numpy().view(np.uint64)
+    out = torch.empty((len(st), vocab_size), dtype=torch.float32)
     step = np.arange(1, vocab_size + 1, dtype=np.uint64) * np.uint64(_GAMMA)  # wraps modulo 2^64
-    for i in range(0, len(states), _NUMPY_ROWS):
-        z = np.array(states[i : i + _NUMPY_ROWS], dtype=np.uint64)[:, None] + step
+    for i in range(0, len(st), _NUMPY_ROWS):
+        z = st[i : i + _NUMPY_ROWS, None] + step
         z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         z ^= z >> np.uint64(31)
-        u = (z >> np.uint64(11)).astype(np.float64) * 2.0**-53
-        out[i : i + _NUMPY_ROWS] = torch.from_numpy(u.astype(np.float32))
+        u = ((z >> np.uint64(11)).astype(np.float64) * 2.0**-53).astype(np.float32)
+        u = np.minimum(u, np.float32(1.0 - 2.0**-24))  # no infinite score
+        e = np.maximum(-_log1p_f32(-u), np.float32(2.0**-126))  # Exp(1); u = 0: the smallest normal
+        out[i : i + _NUMPY_ROWS] = torch.from_numpy(-_log_f32(e))
     return out
+
+
+# Cephes' logf polynomial for log(1 + f), f in [sqrt(1/2) - 1, sqrt(2) - 1), highest degree first.
+_LOG_POLY = (7.0376836292e-2, -1.1514610310e-1, 1.1676998740e-1, -1.2420140846e-1, 1.4249322787e-1,
+             -1.6668057665e-1, 2.0000714765e-1, -2.4999993993e-1, 3.3333331174e-1)
+
+
+def _log_f32(x: np.ndarray) -> np.ndarray:
+    """Natural log of positive normal float32 values, op for op as `log_f32` in cpu_kernels.c."""
+    f32 = np.float32
+    b = x.view(np.uint32)
+    e = (b >> np.uint32(23)).astype(np.int32) - np.int32(126)
+    m = ((b & np.uint32(0x007FFFFF)) | np.uint32(0x3F000000)).view(np.float32)  # x = m 2^e, m in [0.5, 1)
+    small = m < f32(0.707106781186547524)
+    e = np.where(small, e - np.int32(1), e)
+    f = np.where(small, (m + m) - f32(1.0), m - f32(1.0))
+    z = f * f
+    y = np.full_like(f, f32(_LOG_POLY[0]))
+    for c in _LOG_POLY[1:]:
+        y = y * f + f32(c)
+    y = (y * f) * z
+    fe = e.astype(np.float32)
+    y = y + f32(-2.12194440e-4) * fe
+    y = y + f32(-0.5) * z
+    return (f + y) + f32(0.693359375) * fe
+
+
+def _log1p_f32(y: np.ndarray) -> np.ndarray:
+    """log1p for float32 y in (-1, 0], as `log1p_f32` in cpu_kernels.c: log(w) y / (w - 1), w = 1 + y."""
+    w = np.float32(1.0) + y
+    d = w - np.float32(1.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = _log_f32(w) * (y / d)
+    return np.where(d == np.float32(0.0), y, q)
+
+
+def seeded_gumbel_argmax(x: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+    """First argmax of x [n, V] (float32) + the noise of each row's stream (`gumbel_of_states`): one fused
+    pass on CPU with the kernels, the noise materialised otherwise (the same sums, so the same tokens)."""
+    if x.device.type == "cpu" and x.dtype == torch.float32 and kernels.available():
+        return kernels.seeded_gumbel_argmax(x.contiguous(), states.contiguous())
+    return first_argmax(x + gumbel_of_states(states, x.shape[-1]).to(x.device))
 
 
 def gumbel_from_uniform(u: torch.Tensor) -> torch.Tensor:
@@ -247,7 +297,8 @@ def sample(logits: torch.Tensor, sb: SamplingBatch, uniforms: torch.Tensor,
     or None when not needed: a full-vocabulary log-softmax is a few ms per step at batch 64).
 
     Rows in `gumbel` = (rows [R], noise [R, V], see `seeded_gumbel_rows`) draw by Gumbel-max over the
-    warped distribution; the others by inverse CDF with their uniform. Both are exact draws."""
+    warped distribution; the others by inverse CDF with their uniform. Both are exact draws. The noise may
+    also be given as int64 stream states [R] (`stream_states`): then it is fused into the draw."""
     scaled = scaled_logits(logits, sb)
     logprobs = torch.log_softmax(scaled, dim=-1) if need_logprobs else None
     greedy_tok = first_argmax(logits)
@@ -260,14 +311,18 @@ def sample(logits: torch.Tensor, sb: SamplingBatch, uniforms: torch.Tensor,
     if gumbel is not None and len(gumbel[0]):
         rows, noise = gumbel
         noisy[rows] = True
-        perturbed = scaled[rows]  # a copy
-        sub = sb.select(rows)
+        whole = len(rows) == len(drawn) and bool((rows == torch.arange(len(drawn), device=rows.device)).all())
+        base = scaled if whole else scaled[rows]
+        sub = sb if whole else sb.select(rows)
         if sub.needs_truncation:  # tokens outside the kept set can never win
-            perturbed.masked_fill_(warped_probs(perturbed, sub) == 0, float("-inf"))
+            base = base.masked_fill(warped_probs(base, sub) == 0, float("-inf"))
         # argmax(log p + g) = argmax(scaled + g): the log-normaliser is constant per row. (Without truncation
         # no mask is needed: a token loses to the row's best unless its logit gap is below the Gumbel
         # noise's range (< 40 here); tokens whose probability underflows to 0 are > 87 behind.)
-        drawn[rows] = first_argmax(perturbed.add_(noise))
+        if noise.dtype == torch.int64:
+            drawn[rows] = seeded_gumbel_argmax(base, noise)
+        else:
+            drawn[rows] = first_argmax(base + noise)
     cdf_rows = (~sb.greedy & ~noisy).nonzero().squeeze(1)
     if len(cdf_rows):
         if len(cdf_rows) == len(drawn):

@@ -2,9 +2,10 @@
 
 Why: on a 2-core CPU a decode step of a small model is ~40 tiny torch ops per layer around 4 matmuls,
 and their dispatch costs as much as the matmuls. Three fused kernels (residual add + RMSNorm, rotary +
-KV-cache write, SiLU x up) cut that to a handful of calls per layer. Two more serve sampling: a
-row-parallel argmax, and the counter-based uniforms of seeded sampling (integer arithmetic, so the numpy
-fallback in sampling.py gives the same bits: no sample depends on whether a compiler was there).
+KV-cache write, SiLU x up) cut that to a handful of calls per layer. The others serve sampling: a
+row-parallel argmax, and seeded Gumbel noise (materialised, or fused into the argmax of a Gumbel-max draw)
+written so that the numpy fallback in sampling.py gives the same bits: no sample depends on whether a
+compiler was there.
 
 The C file is compiled with the system C compiler into a per-user cache the first time it is needed
 (~0.3 s) and loaded with ctypes: no torch headers, no build step at install time. Without a compiler,
@@ -29,7 +30,8 @@ import torch
 logger = logging.getLogger(__name__)
 
 _SRC = os.path.join(os.path.dirname(__file__), "cpu_kernels.c")
-_FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC"]
+_FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math",
+          "-shared", "-fPIC"]
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
@@ -40,7 +42,8 @@ _SIGNATURES = {
     "tlt_rope_kv": [_i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64],
     "tlt_silu_mul": [_i64, _i64, _ptr, _ptr],
     "tlt_argmax_f32": [_i64, _i64, _ptr, _ptr],
-    "tlt_splitmix_uniform_f32": [_i64, _i64, _ptr, _ptr],
+    "tlt_seeded_gumbel_f32": [_i64, _i64, _ptr, _ptr],
+    "tlt_seeded_gumbel_argmax": [_i64, _i64, _ptr, _ptr, _ptr],
 }
 
 
@@ -170,12 +173,30 @@ def argmax(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def splitmix_uniform(keys: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Counter-based uniforms (see sampling.seeded_uniforms): int64 keys [n] (the uint64 stream states,
-    two's complement) -> float32 [n, vocab_size]."""
+def _check_states(states: torch.Tensor) -> None:
+    if states.dtype != torch.int64 or states.device.type != "cpu" or not states.is_contiguous() or states.dim() != 1:
+        raise ValueError("stream states must be a contiguous int64 CPU [n] tensor (uint64 bits)")
+
+
+def seeded_gumbel(states: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Gumbel noise of each stream (see sampling.seeded_gumbel_rows): int64 states [n] (uint64 bits, two's
+    complement) -> float32 [n, vocab_size]."""
     _check()
-    if keys.dtype != torch.int64 or keys.device.type != "cpu" or not keys.is_contiguous() or keys.dim() != 1:
-        raise ValueError("splitmix_uniform needs a contiguous int64 CPU [n] tensor of keys")
-    out = torch.empty((keys.shape[0], vocab_size), dtype=torch.float32)
-    _lib.tlt_splitmix_uniform_f32(keys.shape[0], vocab_size, keys.data_ptr(), out.data_ptr())
+    _check_states(states)
+    out = torch.empty((states.shape[0], vocab_size), dtype=torch.float32)
+    _lib.tlt_seeded_gumbel_f32(states.shape[0], vocab_size, states.data_ptr(), out.data_ptr())
+    return out
+
+
+def seeded_gumbel_argmax(x: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+    """First argmax of x [n, v] (float32) + each row's stream noise, without materialising the noise:
+    equal to argmax(x + seeded_gumbel(states, v)) -> int64 [n]."""
+    _check()
+    _check_states(states)
+    if x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous() or x.dim() != 2:
+        raise ValueError("seeded_gumbel_argmax needs a contiguous float32 CPU [n, v] tensor")
+    if states.shape[0] != x.shape[0]:
+        raise ValueError("one stream state per row")
+    out = torch.empty(x.shape[0], dtype=torch.int64)
+    _lib.tlt_seeded_gumbel_argmax(x.shape[0], x.shape[1], x.data_ptr(), states.data_ptr(), out.data_ptr())
     return out

@@ -11,6 +11,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 typedef uint16_t bf16;
@@ -163,21 +164,107 @@ void tlt_argmax_f32(int64_t n, int64_t v, const float *x, int64_t *out) {
     }
 }
 
-/* Counter-based uniforms for seeded sampling: out[r, j] = (float)(mix64(keys[r] + (j + 1) * GAMMA) >> 11) * 2^-53,
- * the SplitMix64 stream of state keys[r] (sampling.py `seeded_uniforms`; its numpy path computes the same bits).
- * Integer arithmetic and one correctly rounded double -> float conversion: exact on every machine. */
-void tlt_splitmix_uniform_f32(int64_t n, int64_t v, const uint64_t *keys, float *out) {
-#pragma omp parallel for schedule(static) if (n * v >= 4 * PAR_MIN)
+/* Seeded Gumbel noise (sampling.py `seeded_gumbel_rows`; its numpy path computes the same bits).
+ * Token j of stream `state`: the (j+1)-th SplitMix64 output, 53 bits scaled to [0, 1) and rounded once to
+ * float32 (u), then G = -log(-log1p(-u)) by the float32 functions below. Every step is integer arithmetic or
+ * one correctly rounded float32 operation in a fixed order (built with -ffp-contract=off), so numpy's float32
+ * arithmetic reproduces it exactly; the constants are written as double literals rounded to float, as numpy's
+ * np.float32(constant) rounds them. */
+static inline float splitmix_u(uint64_t state, int64_t j) {
+    uint64_t z = state + (uint64_t)(j + 1) * 0x9E3779B97F4A7C15ULL;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    z ^= z >> 31;
+    return (float)((double)(z >> 11) * 0x1.0p-53);
+}
+
+/* Natural log of a positive normal float (Cephes' logf: frexp, then a degree-9 polynomial in m - 1). */
+static inline float log_f32(float x) {
+    uint32_t b, mb;
+    memcpy(&b, &x, 4);
+    int32_t e = (int32_t)(b >> 23) - 126;
+    mb = (b & 0x007fffffu) | 0x3f000000u; /* x = m * 2^e, m in [0.5, 1) */
+    float m;
+    memcpy(&m, &mb, 4);
+    const int small = m < (float)0.707106781186547524;
+    e = small ? e - 1 : e;
+    const float f = small ? (m + m) - 1.0f : m - 1.0f;
+    const float z = f * f;
+    float y = (float)7.0376836292e-2;
+    y = y * f - (float)1.1514610310e-1;
+    y = y * f + (float)1.1676998740e-1;
+    y = y * f - (float)1.2420140846e-1;
+    y = y * f + (float)1.4249322787e-1;
+    y = y * f - (float)1.6668057665e-1;
+    y = y * f + (float)2.0000714765e-1;
+    y = y * f - (float)2.4999993993e-1;
+    y = y * f + (float)3.3333331174e-1;
+    y = (y * f) * z;
+    const float fe = (float)e;
+    y = y + (float)-2.12194440e-4 * fe;
+    y = y + -0.5f * z;
+    const float r = f + y;
+    return r + 0.693359375f * fe;
+}
+
+/* log1p(y) for y in (-1, 0] (Kahan: log(w) * y / (w - 1) with w = 1 + y, exact where w rounds to 1). */
+static inline float log1p_f32(float y) {
+    const float w = 1.0f + y;
+    const float d = w - 1.0f;
+    const float l = log_f32(w);
+    const float q = y / (d == 0.0f ? 1.0f : d); /* a safe divisor: the division runs in every lane (vectorised:
+                                                  built with -fno-trapping-math, which changes no result) */
+    return d == 0.0f ? y : l * q;
+}
+
+static inline float seeded_gumbel(uint64_t state, int64_t j) {
+    float u = splitmix_u(state, j);
+    u = u > (float)0.99999994039535522 ? (float)0.99999994039535522 : u; /* 1 - 2^-24: no infinite score */
+    float e = -log1p_f32(-u);                                            /* Exp(1) */
+    e = e < 0x1.0p-126f ? 0x1.0p-126f : e;                              /* u = 0: the smallest normal */
+    return -log_f32(e);
+}
+
+/* out[r, :] = Gumbel noise of stream states[r] (n rows of v tokens). */
+void tlt_seeded_gumbel_f32(int64_t n, int64_t v, const uint64_t *states, float *out) {
+#pragma omp parallel for schedule(static) if (n * v >= PAR_MIN)
     for (int64_t r = 0; r < n; r++) {
-        const uint64_t k = keys[r];
-        float *o = out + r * v;
+        const uint64_t st = states[r];
+        float *restrict o = out + r * v;
 #pragma omp simd
-        for (int64_t j = 0; j < v; j++) {
-            uint64_t z = k + (uint64_t)(j + 1) * 0x9E3779B97F4A7C15ULL;
-            z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-            z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-            z ^= z >> 31;
-            o[j] = (float)((double)(z >> 11) * 0x1.0p-53);
+        for (int64_t j = 0; j < v; j++)
+            o[j] = seeded_gumbel(st, j);
+    }
+}
+
+/* out[r] = first argmax_j (x[r, j] + Gumbel noise of stream states[r] at j), as argmax over x + the noise of
+ * tlt_seeded_gumbel_f32 (same sums, NaN wins as in tlt_argmax_f32), without writing the noise out. */
+void tlt_seeded_gumbel_argmax(int64_t n, int64_t v, const float *x, const uint64_t *states, int64_t *out) {
+#pragma omp parallel if (n * v >= PAR_MIN)
+    {
+        float *s = malloc(sizeof(float) * (size_t)v);
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < n; r++) {
+            const uint64_t st = states[r];
+            const float *xr = x + r * v;
+            float best = -INFINITY;
+            int has_nan = 0;
+#pragma omp simd reduction(max : best) reduction(| : has_nan)
+            for (int64_t j = 0; j < v; j++) {
+                const float t = xr[j] + seeded_gumbel(st, j);
+                s[j] = t;
+                best = t > best ? t : best;
+                has_nan |= t != t;
+            }
+            int64_t idx = 0;
+            for (int64_t j = 0; j < v; j++) {
+                if (has_nan ? s[j] != s[j] : s[j] == best) {
+                    idx = j;
+                    break;
+                }
+            }
+            out[r] = idx;
         }
+        free(s);
     }
 }
