@@ -132,6 +132,17 @@ def test_speculation_is_first_tried_at_small_batches_then_grows_upwards():
         sel.update(8, None, 8, 0.05)
         sel.update(8, CHAIN, 16, 0.06)  # 1.67x plain's goodput at batch 8
     assert sel.choose(16) == TREE
+    # The next rollout starts at 256 with plain decoding measured there and at 128: speculation, known to pay
+    # at 8 only, is no candidate at 256 (its round time borrowed from 8 would look 1.2x plain's).
+    sel.update(256, None, 256, 0.4)
+    sel.update(128, None, 128, 0.2)
+    assert {arm_name(sel.choose(256)) for _ in range(20)} == {"off"}
+    # An arm measured at a larger batch is a candidate below it (trying it there is cheaper).
+    gpu = ArmSelector([CHAIN], SelectorConfig(epsilon=0.0, cold_bucket=8), seed=0)
+    gpu.update(256, None, 256, 0.4)
+    gpu.update(256, CHAIN, 512, 0.5)  # pays at 256
+    gpu.update(128, None, 128, 0.3)
+    assert gpu.choose(128) == CHAIN
     losing = ArmSelector([CHAIN, TREE], SelectorConfig(epsilon=0.0, cold_bucket=8), seed=0)
     for _ in range(2):
         losing.update(8, None, 8, 0.05)

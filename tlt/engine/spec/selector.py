@@ -19,8 +19,10 @@ bottleneck). Where the crossover lies depends on the hardware, the batch, and ho
   stale: their weight is multiplied by a discount (round times are kept; they depend on neither), so
   fresh rounds soon outweigh them, while a policy that moved little keeps its knowledge.
   A collapse of acceptance is not left to the bandit: the engine suspends speculation itself.
-- **Speculation is first tried where it is cheap**: an arm nobody has measured is warmed up only at a
-  batch of at most `cold_bucket` sequences, or at a bucket above one where speculation held up. A
+- **Speculation is first tried where it is cheap**: an arm not measured at this batch bucket is tried here
+  only at a batch of at most `cold_bucket` sequences, above the nearest smaller bucket where speculation
+  held up, or if it was measured at a larger batch; otherwise it is not a candidate here at all (its round
+  time, borrowed from a much smaller batch, would be far too rosy). A
   speculative round at a large batch costs several plain ones (measured: one chain round at 256 sequences
   took 3.7 s, nine plain rounds), and speculation that loses at a small batch loses at a larger one. So a
   rollout that starts at 256 sequences decodes plain until its batch has shrunk, and the range where
@@ -210,20 +212,27 @@ class ArmSelector:
     # ------------------------------------------------------------------ choosing
     def choose(self, batch_size: int, allowed: Callable[[Arm], bool] | None = None) -> Arm:
         """The arm for the next round. `allowed(arm)` excludes arms that do not fit this batch."""
-        arms = [a for a in self.arms if a is None or allowed is None or allowed(a)]
+        b = bucket_of(batch_size)
+        # Speculation is first tried at small batches: an arm not measured here is a candidate only at
+        # <= cold_bucket sequences, above the nearest bucket where speculation held up, or when it was measured
+        # at a larger batch (trying it lower is cheaper). Otherwise its estimate, borrowed from a much smaller
+        # batch, would be far too rosy (a round's cost relative to plain grows with the batch).
+        gate_open = b <= self.cfg.cold_bucket or self._speculation_held_up_below(b)
+
+        def candidate(a: Arm) -> bool:
+            if a is None or gate_open or self._own_time(b, a) is not None:
+                return True
+            return any(arm == a and bb > b for bb, arm in self._time)
+
+        arms = [a for a in self.arms if (a is None or allowed is None or allowed(a)) and candidate(a)]
         if len(arms) == 1:
             return arms[0]
         est = {a: self.estimate(batch_size, a) for a in arms}
         known = {a: v for a, v in est.items() if v is not None}
         best = max(known.values(), default=0.0)
         floor = self.cfg.explore_floor * best
-        b = bucket_of(batch_size)
-        # Warm-up, cheapest arm first; an arm is skipped once a cheaper speculative arm is hopeless here, and
-        # speculation is first tried at small batches (`cold_bucket`).
-        cold = b <= self.cfg.cold_bucket or self._speculation_held_up_below(b)
+        # Warm-up, cheapest arm first; an arm is skipped once a cheaper speculative arm is hopeless here.
         for a in sorted((a for a in arms if est[a] is None), key=_cost):
-            if a is not None and not cold:
-                continue
             if not any(k is not None and _cost(k) <= _cost(a) and v < floor for k, v in known.items()):
                 return a
         arms = [a for a in known if known[a] >= floor]  # the plausible ones (the best among them)
@@ -244,14 +253,17 @@ class ArmSelector:
         return max(arms, key=lambda a: known[a])
 
     def _speculation_held_up_below(self, bucket: int) -> bool:
-        """Some speculative arm measured at a smaller bucket within `explore_floor` of that bucket's best."""
-        for b in {k[0] for k in self._time if k[0] < bucket}:
-            own = {a: self._own(b, a) for a in self.arms}
-            best = max((v for v in own.values() if v is not None), default=None)
-            if best and any(a is not None and v is not None and v >= self.cfg.explore_floor * best
-                            for a, v in own.items()):
-                return True
-        return False
+        """At the nearest smaller bucket with any measurement, some speculative arm came within
+        `explore_floor` of that bucket's best. Only the nearest: a rollout shrinks through every bucket, so
+        the range where speculation is tried grows one bucket at a time, never jumping from 8 to 256."""
+        below = [b for b, _ in self._time if b < bucket]
+        if not below:
+            return False
+        b = max(below)
+        own = {a: self._own(b, a) for a in self.arms}
+        best = max((v for v in own.values() if v is not None), default=None)
+        return bool(best) and any(a is not None and v is not None and v >= self.cfg.explore_floor * best
+                                  for a, v in own.items())
 
     def snapshot(self) -> dict:
         """Per bucket and arm: round time (median, s), goodput estimate (tokens/s), rounds measured; and
