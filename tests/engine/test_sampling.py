@@ -24,6 +24,7 @@ from tlt.engine.sampling import (
     seeded_gumbel_argmax,
     seeded_gumbel_rows,
     stream_states,
+    stream_uniforms,
     warped_probs,
 )
 from tlt.engine.sampling_params import SamplingParams
@@ -351,13 +352,8 @@ def test_seeded_noise_kernel_and_numpy_paths_agree_bit_for_bit(monkeypatch):
 
 
 def seeded_uniforms(keys, V) -> torch.Tensor:
-    """The float32 uniforms behind `gumbel_of_states` (numpy, the definition)."""
-    step = np.arange(1, V + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
-    z = stream_states(keys).numpy().view(np.uint64)[:, None] + step
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    z ^= z >> np.uint64(31)
-    return torch.from_numpy(((z >> np.uint64(11)).astype(np.float64) * 2.0**-53).astype(np.float32))
+    """The float32 uniforms behind `gumbel_of_states`."""
+    return torch.from_numpy(stream_uniforms(stream_states(keys).numpy().view(np.uint64), V))
 
 
 def test_gumbel_max_rows_draw_the_warped_distribution_chi_square():

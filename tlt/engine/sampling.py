@@ -80,17 +80,21 @@ def gumbel_of_states(states: torch.Tensor, vocab_size: int) -> torch.Tensor:
         return kernels.seeded_gumbel(states.contiguous(), vocab_size)
     st = states.numpy().view(np.uint64)
     out = torch.empty((len(st), vocab_size), dtype=torch.float32)
-    step = np.arange(1, vocab_size + 1, dtype=np.uint64) * np.uint64(_GAMMA)  # wraps modulo 2^64
     for i in range(0, len(st), _NUMPY_ROWS):
-        z = st[i : i + _NUMPY_ROWS, None] + step
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        z ^= z >> np.uint64(31)
-        u = ((z >> np.uint64(11)).astype(np.float64) * 2.0**-53).astype(np.float32)
-        u = np.minimum(u, np.float32(1.0 - 2.0**-24))  # no infinite score
+        u = np.minimum(stream_uniforms(st[i : i + _NUMPY_ROWS], vocab_size), np.float32(1.0 - 2.0**-24))
         e = np.maximum(-_log1p_f32(-u), np.float32(2.0**-126))  # Exp(1); u = 0: the smallest normal
         out[i : i + _NUMPY_ROWS] = torch.from_numpy(-_log_f32(e))
     return out
+
+
+def stream_uniforms(states: np.ndarray, vocab_size: int) -> np.ndarray:
+    """The float32 uniforms [n, vocab] behind `gumbel_of_states`, for uint64 stream states [n] (numpy):
+    token j = the (j+1)-th SplitMix64 output's top 53 bits x 2^-53, rounded once to float32."""
+    z = states[:, None] + np.arange(1, vocab_size + 1, dtype=np.uint64) * np.uint64(_GAMMA)  # wraps mod 2^64
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z ^= z >> np.uint64(31)
+    return ((z >> np.uint64(11)).astype(np.float64) * 2.0**-53).astype(np.float32)
 
 
 # Cephes' logf polynomial for log(1 + f), f in [sqrt(1/2) - 1, sqrt(2) - 1), highest degree first.

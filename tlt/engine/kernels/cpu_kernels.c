@@ -140,6 +140,15 @@ void tlt_silu_mul(int64_t n, int64_t m, const bf16 *gate_up, bf16 *out) {
     }
 }
 
+/* The first index j < v where x[j] is NaN (when the row has one: NaN counts as the maximum, as in torch's
+ * argmax) or else equals the row's maximum `best`. */
+static inline int64_t first_index_of_max(const float *x, int64_t v, float best, int has_nan) {
+    for (int64_t j = 0; j < v; j++)
+        if (has_nan ? x[j] != x[j] : x[j] == best)
+            return j;
+    return 0;
+}
+
 /* First index of the maximum of each row of x [n, v] (float32), as torch's argmax: NaN counts as the
  * maximum (the first NaN wins). Parallel over rows; torch's CPU reduction here is single-threaded. */
 void tlt_argmax_f32(int64_t n, int64_t v, const float *x, int64_t *out) {
@@ -153,14 +162,7 @@ void tlt_argmax_f32(int64_t n, int64_t v, const float *x, int64_t *out) {
             best = xr[j] > best ? xr[j] : best;
             has_nan |= xr[j] != xr[j];
         }
-        int64_t idx = 0;
-        for (int64_t j = 0; j < v; j++) {
-            if (has_nan ? xr[j] != xr[j] : xr[j] == best) {
-                idx = j;
-                break;
-            }
-        }
-        out[r] = idx;
+        out[r] = first_index_of_max(xr, v, best, has_nan);
     }
 }
 
@@ -256,14 +258,7 @@ void tlt_seeded_gumbel_argmax(int64_t n, int64_t v, const float *x, const uint64
                 best = t > best ? t : best;
                 has_nan |= t != t;
             }
-            int64_t idx = 0;
-            for (int64_t j = 0; j < v; j++) {
-                if (has_nan ? s[j] != s[j] : s[j] == best) {
-                    idx = j;
-                    break;
-                }
-            }
-            out[r] = idx;
+            out[r] = first_index_of_max(s, v, best, has_nan);
         }
         free(s);
     }
