@@ -83,7 +83,8 @@ def cmd_train_drafter(args) -> None:
                         draft_vocab_size=args.draft_vocab_size, batch_size=args.batch_size, lr=args.lr,
                         seed=args.random_seed, time_budget_s=args.time_budget, self_prompts=args.self_prompts,
                         holdout=args.holdout, window=args.window, data_cache=args.keep_data,
-                        resume=args.resume, log=lambda m: print(m, flush=True))
+                        resume=args.resume, num_layers=args.drafter_layers, intermediate_size=args.drafter_mlp,
+                        log=lambda m: print(m, flush=True))
     print(json.dumps(res))
     engine.shutdown()
 
@@ -146,6 +147,8 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--max-steps", type=int, default=600)
     t.add_argument("--ttt-steps", type=int, default=3, help="training-time-test depth")
     t.add_argument("--draft-vocab-size", type=int, default=8192)
+    t.add_argument("--drafter-layers", type=int, default=1, help="decoder layers of the drafter")
+    t.add_argument("--drafter-mlp", type=int, default=None, help="the drafter's MLP width (default: the target's)")
     t.add_argument("--batch-size", type=int, default=8)
     t.add_argument("--lr", type=float, default=2e-3)
     t.add_argument("--time-budget", type=float, default=None, help="stop training after this many seconds")

@@ -3,6 +3,7 @@ exactly the target's distribution for unseeded sampling (chi-square), chain and 
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -149,6 +150,44 @@ def test_penalties_fall_back_exactly(base_engine, target_dir, drafter_dir):
     out = e.generate(input_ids=PROMPTS[:2], sampling_params=sp)
     assert [o["output_ids"] for o in out] == [o["output_ids"] for o in ref]
     e.shutdown()
+
+
+@pytest.mark.parametrize("sp", [{"temperature": 0}, {"temperature": 1.0, "sampling_seed": 3, "n": 2}],
+                         ids=["greedy", "seeded-n2"])
+def test_two_layer_drafter_token_identical(base_engine, target_dir, tmp_path, sp):
+    """A deeper drafter keeps one KV layer per decoder layer; outputs stay the target's, tree config."""
+    d = str(tmp_path / "two_layers")
+    EagleDrafter.random(base_engine.model_config, seed=5, draft_vocab_size=4096, num_layers=2,
+                        intermediate_size=96).save(d)
+    sp = dict(sp, max_new_tokens=24, ignore_eos=True)
+    ref = base_engine.generate(input_ids=PROMPTS, sampling_params=sp, return_logprob=True)
+    e = spec_engine(target_dir, d, 4, 2, 6)
+    assert e.kv.num_layers == base_engine.model_config.num_layers + 2
+    out = e.generate(input_ids=PROMPTS, sampling_params=sp, return_logprob=True)
+    assert [o["output_ids"] for o in out] == [o["output_ids"] for o in ref]
+    for a, b in zip(out, ref):
+        assert torch.allclose(torch.tensor(_lps(a)), torch.tensor(_lps(b)), atol=1e-4)
+    with pytest.raises(ValueError, match="shape"):  # the cache has two drafter layers, not one
+        e.update_drafter(EagleDrafter.random(base_engine.model_config, seed=6, draft_vocab_size=4096))
+    e.shutdown()
+
+
+def test_single_layer_folders_of_the_old_layout_load(base_engine, drafter_dir, tmp_path):
+    """Folders written before drafters had several layers ("layer." weights, no num_layers) still load."""
+    from safetensors.torch import load_file, save_file
+
+    ref = EagleDrafter.load(drafter_dir, base_engine.model_config)
+    old = {("layer." + k[9:] if k.startswith("layers.0.") else k): v
+           for k, v in load_file(os.path.join(drafter_dir, "model.safetensors")).items()}
+    save_file(old, str(tmp_path / "model.safetensors"))
+    with open(os.path.join(drafter_dir, "config.json")) as f:
+        meta = {k: v for k, v in json.load(f).items() if k not in ("num_layers", "intermediate_size")}
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(meta, f)
+    got = EagleDrafter.load(str(tmp_path), base_engine.model_config)
+    assert got.cfg.num_layers == 1
+    for (k, a), (_, b) in zip(sorted(got.state_dict().items()), sorted(ref.state_dict().items())):
+        assert torch.equal(a, b), k
 
 
 # ---------------------------------------------------------------------------------------------- trees

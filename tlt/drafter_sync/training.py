@@ -136,8 +136,8 @@ def ttt_loss(drafter: EagleDrafter, embed: torch.nn.Module, rope, batch: Drafter
     feat = drafter.fc(batch.aux[:, :P])  # [B, P, H] (aux layers already concatenated)
     label = batch.target_logp[:, 1:]  # [B, P, Vd]
     ok = valid[:, 1:] & valid[:, :-1]  # position p: token p+1 exists and its label is trained on
-    layer = drafter.layer
-    keys, values = [], []
+    keys = [[] for _ in drafter.layers]  # per layer, per step: [B, kv_heads, P, D]
+    values = [[] for _ in drafter.layers]
     total = torch.zeros((), device=dev)
     accs = []
     q_pos, k_pos = pos.view(P, 1), pos.view(1, P)
@@ -147,16 +147,17 @@ def ttt_loss(drafter: EagleDrafter, embed: torch.nn.Module, rope, batch: Drafter
             x_feat = feat
         else:  # the drafter's own output at p-1 (nothing before position 0)
             x_feat = torch.cat([torch.zeros_like(prev_h[:, :1]), prev_h[:, :-1]], dim=1)
-        x = drafter.layer_input(emb, x_feat)
-        q, kk, vv = layer.qkv_rotated(x, cos, sin)
-        keys.append(kk.transpose(1, 2))
-        values.append(vv.transpose(1, 2))
         blocks = [k_pos <= q_pos - k + 1]  # step-1 entries
         for j in range(2, k + 1):  # ancestors at step j, and itself (j = k)
             blocks.append(k_pos == q_pos - k + j)
         mask = torch.cat(blocks, dim=1)  # [P, k * P]
         mask[:, 0] |= ~mask.any(dim=1)  # rows with no key (p < k - 1) are ignored by the loss anyway
-        h = layer.attend_and_mlp(x, q, torch.cat(keys, 2), torch.cat(values, 2), mask)
+        h = drafter.layer_input(emb, x_feat)
+        for i, layer in enumerate(drafter.layers):
+            q, kk, vv = layer.qkv_rotated(h, cos, sin)
+            keys[i].append(kk.transpose(1, 2))
+            values[i].append(vv.transpose(1, 2))
+            h = layer.attend_and_mlp(h, q, torch.cat(keys[i], 2), torch.cat(values[i], 2), mask)
         logits = drafter.head(h).float()
         step_ok = ok & (pos >= k - 1).view(1, P)
         ce = -(label.exp() * torch.log_softmax(logits, dim=-1)).sum(-1)  # [B, P]
@@ -366,6 +367,7 @@ def train_offline(engine, out_dir: str, *, num_prompts: int = 256, max_new_token
                   max_steps: int = 600, ttt_steps: int = 3, draft_vocab_size: int = 8192, batch_size: int = 8,
                   lr: float = 2e-3, seed: int = 0, time_budget_s: float | None = None, self_prompts: float = 0.0,
                   holdout: int = 64, window: int = 96, data_cache: bool = False, resume: bool = False,
+                  num_layers: int = 1, intermediate_size: int | None = None,
                   log: Callable[[str], None] = print) -> dict:
     """The whole offline recipe: prompts (a `self_prompts` fraction written by the target itself, the rest
     from templates), the target's generations and hidden states, training, the drafter folder written
@@ -407,7 +409,8 @@ def train_offline(engine, out_dir: str, *, num_prompts: int = 256, max_new_token
             raise ValueError(f"the drafter in {out_dir} has another draft vocabulary than the cached data")
         log(f"resuming from the drafter in {out_dir}")
     else:
-        drafter = EagleDrafter.random(engine.model_config, seed=seed, draft_vocab_size=len(d2t))
+        drafter = EagleDrafter.random(engine.model_config, seed=seed, draft_vocab_size=len(d2t), num_layers=num_layers,
+                                      intermediate_size=intermediate_size)
         with torch.no_grad():
             drafter.d2t.copy_(d2t)
             # Start the head from the target's own output embeddings of the draft vocabulary.
@@ -431,8 +434,10 @@ def train_offline(engine, out_dir: str, *, num_prompts: int = 256, max_new_token
     for r in train:
         buf.push(r)
     heldout = training_items(held, label_fn, ident)  # whole records: the context inference sees
+    c = drafter.cfg
     log(f"training: {max_steps} steps, batch {batch_size}, window {window}, {ttt_steps} TTT steps, "
-        f"draft vocab {len(d2t)}, {len(train)} records ({len(held)} held out)")
+        f"{c.num_layers} layer(s), MLP {drafter.layer_cfg.intermediate_size}, draft vocab {len(d2t)}, "
+        f"{len(train)} records ({len(held)} held out)")
     metrics = train_drafter(drafter, embed, rope, lambda n, g: buf.training_items(n, label_fn, ident, g, window),
                             steps=ttt_steps, max_steps=max_steps, batch_size=batch_size, lr=lr, seed=seed,
                             log=log, time_budget_s=time_budget_s, heldout=heldout)

@@ -132,19 +132,23 @@ class Engine:
         self.detok = Detokenizer(self.tokenizer)
         self.eos_token_ids = self._eos_ids(hf_config)
 
+        drafter = None
+        if cfg.speculative_algorithm is not None:
+            from tlt.engine.spec.drafter import EagleDrafter
+
+            drafter = EagleDrafter.load(cfg.speculative_draft_model_path, mc, self.device, self.dtype)
+            drafter.pack_weights()
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        self.kv = KVCache(mc, self.dtype, self.device, cfg.default_kv_bytes(weight_bytes),
-                          cfg.max_running_requests, self.context_length + margin, extra_layers=1 if margin else 0)
+        # The drafter's K/V live in extra layers of the same cache (same rows: row moves carry them).
+        self.kv = KVCache(mc, self.dtype, self.device, cfg.default_kv_bytes(weight_bytes), cfg.max_running_requests,
+                          self.context_length + margin, extra_layers=drafter.cfg.num_layers if margin else 0)
         self.runner = ModelRunner(model, self.kv, self.device)
         self.scheduler = Scheduler(self.kv, cfg.max_prefill_tokens, self.context_length, margin)
         self.spec = None
         self.drafter_version = None
-        if cfg.speculative_algorithm is not None:
-            from tlt.engine.spec.drafter import EagleDrafter
+        if drafter is not None:
             from tlt.engine.spec.worker import SpecWorker
 
-            drafter = EagleDrafter.load(cfg.speculative_draft_model_path, mc, self.device, self.dtype)
-            drafter.pack_weights()
             self.spec = SpecWorker(model, drafter, self.kv)
             self.drafter_version = drafter.cfg.version
         self._drafter_sink: Callable[[dict], None] | None = None
@@ -532,10 +536,11 @@ class Engine:
         if not isinstance(drafter, EagleDrafter):
             raise TypeError(f"update_drafter takes an EagleDrafter or a folder, not {type(drafter).__name__}")
         old = self.spec.drafter.cfg
-        if (drafter.cfg.hidden_size, drafter.cfg.target_vocab_size, tuple(drafter.cfg.aux_layers)) != (
-                old.hidden_size, old.target_vocab_size, tuple(old.aux_layers)):
-            raise ValueError("the new drafter's shape (hidden size, target vocab, aux layers) differs from the "
-                             "engine's drafter")
+        shape = ("hidden_size", "target_vocab_size", "aux_layers", "num_layers")
+        if any(tuple(getattr(drafter.cfg, a)) != tuple(getattr(old, a)) if a == "aux_layers" else
+               getattr(drafter.cfg, a) != getattr(old, a) for a in shape):
+            raise ValueError("the new drafter's shape (hidden size, target vocab, aux layers, layers) differs from "
+                             "the engine's drafter")
         # A private copy: the caller may keep training its drafter; the engine's is frozen and packed.
         drafter = copy.deepcopy(drafter).to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
         if not all(bool(torch.isfinite(p).all()) for p in drafter.parameters()):

@@ -35,28 +35,36 @@ class DrafterConfig:
     draft_vocab_size: int
     aux_layers: tuple[int, int, int]  # target layers whose outputs are fused (low, mid, high)
     version: str = "0"
+    num_layers: int = 1  # decoder layers (EAGLE: 1)
+    intermediate_size: int | None = None  # the layers' MLP width (None: the target's)
+
+    def __post_init__(self):
+        if self.num_layers < 1 or (self.intermediate_size is not None and self.intermediate_size < 1):
+            raise ValueError(f"invalid drafter shape: {self.num_layers} layers, MLP width {self.intermediate_size}")
 
     @classmethod
-    def for_target(cls, mc: ModelConfig, draft_vocab_size: int | None = None) -> DrafterConfig:
+    def for_target(cls, mc: ModelConfig, draft_vocab_size: int | None = None, num_layers: int = 1,
+                   intermediate_size: int | None = None) -> DrafterConfig:
         L = mc.num_layers
         aux = (min(2, L - 1), L // 2, max(L - 3, 0))
         dv = min(draft_vocab_size or mc.vocab_size, mc.vocab_size)
-        return cls(mc.hidden_size, mc.vocab_size, dv, aux)
+        return cls(mc.hidden_size, mc.vocab_size, dv, aux, num_layers=num_layers, intermediate_size=intermediate_size)
 
 
 class EagleDrafter(nn.Module):
-    """One decoder layer over [embedding(token); feature] -> draft logits and its own next feature."""
+    """Decoder layer(s) over [embedding(token); feature] -> draft logits and its own next feature."""
 
     def __init__(self, cfg: DrafterConfig, target: ModelConfig):
         super().__init__()
         self.cfg = cfg
         H = cfg.hidden_size
-        self.layer_cfg = dataclasses.replace(target, num_layers=1, attention_bias=False, qk_norm=False)
+        self.layer_cfg = dataclasses.replace(target, num_layers=cfg.num_layers, attention_bias=False, qk_norm=False,
+                                             intermediate_size=cfg.intermediate_size or target.intermediate_size)
         self.fc = Linear(3 * H, H, bias=False)
         self.emb_norm = RMSNorm(H, target.rms_norm_eps)
         self.feat_norm = RMSNorm(H, target.rms_norm_eps)
         self.in_proj = Linear(2 * H, H, bias=False)
-        self.layer = DecoderLayer(self.layer_cfg)
+        self.layers = nn.ModuleList(DecoderLayer(self.layer_cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(H, target.rms_norm_eps)
         self.lm_head = Linear(H, cfg.draft_vocab_size, bias=False)
         self.register_buffer("d2t", torch.arange(cfg.draft_vocab_size), persistent=True)
@@ -65,10 +73,13 @@ class EagleDrafter(nn.Module):
         """Target hidden states of the three aux layers [..., H] x 3 -> feature [..., H]."""
         return self.fc(torch.cat(aux_hidden, dim=-1))
 
-    def forward(self, token_embeds: torch.Tensor, features: torch.Tensor, cos, sin, k_cache, v_cache,
+    def forward(self, token_embeds: torch.Tensor, features: torch.Tensor, cos, sin, k_caches, v_caches,
                 batch: AttentionBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """[B, T, H] x 2 -> (output feature [B, T, H], draft logits [B, T, draft_vocab] float32)."""
-        h = self.layer(self.layer_input(token_embeds, features), cos, sin, k_cache, v_cache, batch)
+        """[B, T, H] x 2 -> (output feature [B, T, H], draft logits [B, T, draft_vocab] float32).
+        `k_caches`, `v_caches`: one cache per drafter layer."""
+        h = self.layer_input(token_embeds, features)
+        for layer, k_cache, v_cache in zip(self.layers, k_caches, v_caches, strict=True):
+            h = layer(h, cos, sin, k_cache, v_cache, batch)
         return h, self.head(h)
 
     def layer_input(self, token_embeds: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
@@ -87,7 +98,8 @@ class EagleDrafter(nn.Module):
         for m in self.modules():
             if isinstance(m, Linear):
                 m.pack(enabled)
-        self.layer.fused = enabled and w.dtype == torch.bfloat16 and kernels.available()
+        for layer in self.layers:
+            layer.fused = enabled and w.dtype == torch.bfloat16 and kernels.available()
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str) -> None:
@@ -122,14 +134,18 @@ class EagleDrafter(nn.Module):
         if max(cfg.aux_layers) >= target.num_layers:
             raise ValueError("drafter aux layers exceed the target's depth")
         model = cls(cfg, target)
-        model.load_state_dict(load_file(os.path.join(path, "model.safetensors")))
+        tensors = load_file(os.path.join(path, "model.safetensors"))
+        # Folders written before drafters had several layers name their one layer "layer.".
+        tensors = {("layers.0." + k[6:] if k.startswith("layer.") else k): v for k, v in tensors.items()}
+        model.load_state_dict(tensors)
         return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
     @classmethod
-    def random(cls, target: ModelConfig, seed: int = 0, draft_vocab_size: int | None = None) -> EagleDrafter:
+    def random(cls, target: ModelConfig, seed: int = 0, draft_vocab_size: int | None = None, num_layers: int = 1,
+               intermediate_size: int | None = None) -> EagleDrafter:
         """A randomly initialised drafter (tests; the start of training)."""
         g = torch.Generator().manual_seed(seed)
-        model = cls(DrafterConfig.for_target(target, draft_vocab_size), target)
+        model = cls(DrafterConfig.for_target(target, draft_vocab_size, num_layers, intermediate_size), target)
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if "norm" in name:

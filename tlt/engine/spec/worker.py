@@ -8,7 +8,7 @@
               child's draft token. Every emitted token is therefore exactly the token the target would
               have produced without speculation, for greedy and sampled decoding alike.
 
-The drafter's K/V live in one extra layer of the engine's KV cache (same rows), so row moves and
+The drafter's K/V live in extra layers of the engine's KV cache (same rows), so row moves and
 sibling forks carry them along.
 """
 
@@ -74,7 +74,8 @@ class SpecWorker:
         self.model = model
         self.drafter = drafter
         self.kv = kv
-        self.layer = model.cfg.num_layers  # the drafter's layer index in the KV cache
+        self.layer = model.cfg.num_layers  # the drafter's first layer index in the KV cache
+        self.drafter_layers = slice(self.layer, self.layer + drafter.cfg.num_layers)
         self.aux_layers = tuple(drafter.cfg.aux_layers)
         self.device = model.embed.weight.device
 
@@ -116,7 +117,8 @@ class SpecWorker:
         batch = AttentionBatch(0, positions, mask, kv_len, rows, slots)
         cos, sin = self.model.rope.lookup(positions)
         emb = self.model.embed(tokens)
-        return self.drafter(emb, feats, cos, sin, self.kv.k[self.layer], self.kv.v[self.layer], batch)
+        return self.drafter(emb, feats, cos, sin, self.kv.k[self.drafter_layers], self.kv.v[self.drafter_layers],
+                            batch)
 
     # ------------------------------------------------------------------ draft
     @torch.inference_mode()
