@@ -16,8 +16,10 @@ rollouts and reward curve; the per-step comparison says where they differ, if an
   benchmarks/drafters/smollm2 when it exists, else a random drafter, said so), adaptive speculation
   (`speculative_adaptive=True`, the bandit choosing per decode round among its arms and plain decoding)
   where the engine has it, else a static chain of 3; and the online drafter (`OnlineDrafter`: the engine
-  hands it the rollouts' states, it trains `--drafter-train-s` seconds after each rollout and publishes a
-  new version into the engine). On one CPU that training is not idle time: it is counted in the step.
+  hands it the rollouts' states, it trains after each rollout and publishes a new version into the engine).
+  On one CPU that training is not idle time: it is counted in the step. `--drafter-budget earned` (the
+  default) lets it train only for the time speculation saved so far (at most `--drafter-train-s` per step);
+  `fixed` trains `--drafter-train-s` seconds after every rollout, as on hardware idle in the long tail.
 
 Both runs live in this one process (two engines, two policies) and step interleaved, baseline step k
 then tlt step k, so that noise from other processes on a shared machine hits both alike; each engine and
@@ -149,7 +151,7 @@ class _Run:
             policy = grpo.build_policy(self.model_config, engine.get_weights_by_name)
             _warm_up(self.backend, policy, self.tokenizer)
             if mode == "tlt" and args.drafter_train_s > 0:  # attached after the warm-up: it keeps rollout data
-                self.hook = grpo.OnlineDrafterHook(engine, budget_s=args.drafter_train_s)
+                self.hook = grpo.OnlineDrafterHook(engine, budget_s=args.drafter_train_s, budget=args.drafter_budget)
         else:
             self.proc, url = _launch_server(args, spec, log)
             self.backend = grpo.HttpRollouts(url)
@@ -162,7 +164,8 @@ class _Run:
         kind = ("adaptive" if spec.get("speculative_adaptive") else "static s3k1") if spec else None
         log(f"[{mode}] ready in {self.load_s:.1f} s: {args.backend} backend, {self.info.get('dtype')}, speculation "
             f"{'on (' + kind + ')' if kind else 'off'}"
-            + (f", online drafter {args.drafter_train_s:g} s/step" if self.hook else ""))
+            + (f", online drafter ({args.drafter_budget} budget, <= {args.drafter_train_s:g} s/step)"
+               if self.hook else ""))
         check = mode == "tlt" and args.lossless_check and args.backend == "engine"
         self.trainer = grpo.GRPOTrainer(self.backend, policy, self.tokenizer, cfg, label=mode, log=log,
                                         drafter=self.hook, lossless_check=check)
@@ -264,6 +267,7 @@ def bench(args, log=print) -> dict:
                    "drafter": args.drafter or ("benchmarks/drafters/smollm2" if drafter_dir == DEFAULT_DRAFTER
                                                else "random"),
                    "tlt_speculation": tlt_run.spec, "drafter_train_s": args.drafter_train_s,
+                   "drafter_budget": args.drafter_budget,
                    "time_budget_s": budget, "load_s": {"baseline": base.load_s, "tlt": tlt_run.load_s},
                    "interleaved": True},
         "machine": machine(),
@@ -409,7 +413,10 @@ def add_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
                    help="adaptive speculation: the arms the bandit chooses among, besides plain decoding "
                         "(comma-separated, e.g. s1k1n2,s2k1n3,s3k1n4; default: the engine's)")
     p.add_argument("--drafter-train-s", type=float, default=2.0,
-                   help="tlt run: online drafter training after each rollout, seconds (0: off; engine backend)")
+                   help="tlt run: online drafter training after each rollout, seconds at most (0: off; engine backend)")
+    p.add_argument("--drafter-budget", default="earned", choices=["earned", "fixed"],
+                   help="earned: train only for the time speculation saved so far (no idle hardware on one "
+                        "machine); fixed: --drafter-train-s after every rollout")
     p.add_argument("--lossless-check", action=argparse.BooleanOptionalAction, default=not demo,
                    help="tlt run: replay every rollout without speculation at the same weights and compare "
                         "tokens (untimed; engine backend)")

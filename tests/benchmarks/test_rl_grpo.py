@@ -38,6 +38,9 @@ def test_bench_rl_writes_json_and_plots(tiny_models, tmp_path):
     assert all(r["accept_len"] is None and not r["arm_stats"]["spec_rounds_by_arm"] for r in base)
     assert res["config"]["tlt_speculation"] == {"speculative_adaptive": True}
     assert all(sum(r["arm_stats"]["spec_rounds_by_arm"].values()) > 0 for r in tlt)  # a speculative engine
+    # The default budget is earned: a random drafter saves no time, so the online drafter does not train.
+    assert res["config"]["drafter_budget"] == "earned"
+    assert all(r["drafter_train"]["saved_s"] <= 0 and r["drafter_train"]["steps"] == 0 for r in tlt)
     # float32, same seeds: the first step's rollouts are identical, and the replays without speculation too.
     assert res["comparison"][0]["identical"] and res["replay_identical"] == [True, True]
     assert all(c["identical"] or not c["first_difference"]["reason"].startswith("not lossless")

@@ -222,6 +222,42 @@ def test_speculation_is_lossless_in_training(tiny_llama, tmp_path):
         assert c["identical"] or not c["first_difference"]["reason"].startswith("not lossless"), c
 
 
+def test_earned_drafter_budget_spends_only_what_speculation_saved():
+    fixed = grpo.DrafterBudget("fixed", 2.0)
+    assert fixed.allowance(-5.0) == 2.0 and fixed.allowance(0.0) == 2.0  # savings do not matter
+    b = grpo.DrafterBudget("earned", 2.0, min_s=1.0)
+    assert b.allowance(0.4) == 0.0  # 0.4 banked: below the minimum worth a run
+    assert b.allowance(0.8) == pytest.approx(1.2)
+    b.spend(1.3)  # a step overran its allowance: the debt carries over
+    assert b.banked_s == pytest.approx(-0.1)
+    assert b.allowance(-3.0) == 0.0  # speculation lost time: paid back before any training
+    assert b.allowance(10.0) == 2.0  # at most max_s, and no more than that is banked
+    b.spend(2.0)
+    assert b.allowance(0.0) == 0.0
+    with pytest.raises(ValueError, match="budget"):
+        grpo.DrafterBudget("idle", 1.0)
+
+
+def test_engine_counts_time_speculation_saved(tiny_llama, tmp_path):
+    """spec_seconds_saved: speculative rounds against plain rounds timed at the same batch bucket."""
+    from tlt.engine.spec.drafter import EagleDrafter
+
+    e = tlt.Engine(tiny_llama, **ENGINE)
+    EagleDrafter.random(e.model_config, seed=0, draft_vocab_size=4096).save(str(tmp_path / "d"))
+    e.shutdown()
+    e = tlt.Engine(tiny_llama, **ENGINE, speculative_draft_model_path=str(tmp_path / "d"), speculative_adaptive=True)
+    sp = {"temperature": 0, "max_new_tokens": 40, "ignore_eos": True}
+    e.generate(input_ids=[[5, 6, 7]], sampling_params=sp)
+    st = e.get_stats()
+    log = e.get_round_log()
+    e.shutdown()
+    spec_rounds = [r for r in log if r["arm"] != "off"]
+    assert spec_rounds and any(r["arm"] == "off" for r in log)
+    # A random drafter emits ~1 token per round (acceptance ~0) at the cost of a plain round plus drafting:
+    # speculation lost time, and at most what its rounds took.
+    assert -sum(r["seconds"] for r in spec_rounds) <= st["spec_seconds_saved"] < 0
+
+
 def test_run_stops_at_the_time_budget(engine):
     tr = _trainer(engine, steps=5)
     recs = tr.run(time_budget_s=1e-9)

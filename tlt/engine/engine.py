@@ -160,7 +160,7 @@ class Engine:
                       "finished_requests": 0, "aborted_requests": 0, "spec_verify_rounds": 0,
                       "spec_accepted_tokens": 0, "spec_rounds_by_arm": {}, "spec_tokens_by_arm": {},
                       "spec_seconds_by_arm": {}, "drafter_swaps": 0, "spec_fallbacks": 0,
-                      "drafter_records": 0, "drafter_sink_errors": 0}
+                      "drafter_records": 0, "drafter_sink_errors": 0, "spec_seconds_saved": 0.0}
         # One entry per decode round: (start s since engine start, arm, batch size, tokens, seconds).
         self._rounds: collections.deque = collections.deque(maxlen=cfg.round_log_size)
         self._t_origin = time.perf_counter()
@@ -919,6 +919,12 @@ class Engine:
             for key, val in (("spec_rounds_by_arm", 1), ("spec_tokens_by_arm", emitted),
                              ("spec_seconds_by_arm", dt)):
                 self.stats[key][name] = self.stats[key].get(name, 0) + val
+            if arm is not None and self.selector is not None:
+                # Time speculation saved (negative: lost) against plain decoding's median round time at this
+                # batch bucket, for the same tokens per sequence; rounds where plain was not timed count 0.
+                t_plain = self.selector.round_time(B, None)
+                if t_plain is not None:
+                    self.stats["spec_seconds_saved"] += emitted / B * t_plain - dt
             if self.selector is not None and self._spec_mode == "adaptive":  # it learns from its own picks
                 # The backlog is paid once per switch to speculation, not per round: charging it to the
                 # round would make every first speculative round after plain ones look slow.

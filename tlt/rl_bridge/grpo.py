@@ -404,29 +404,70 @@ def completion_logprobs(policy: torch.nn.Module, prompts: list[list[int]], compl
 
 
 # ---------------------------------------------------------------------------------------------- drafter
+@dataclass
+class DrafterBudget:
+    """Seconds of drafter training allowed after each rollout (see `OnlineDrafterHook`)."""
+
+    mode: str  # "fixed" | "earned"
+    max_s: float  # fixed: every step's allowance; earned: the most one step may spend (and bank)
+    min_s: float = 1.0  # earned: train only once this much is banked
+    banked_s: float = 0.0  # earned: speculation's savings not yet spent (negative: a loss to pay back)
+
+    MODES = ("fixed", "earned")
+
+    def __post_init__(self):
+        if self.mode not in self.MODES:
+            raise ValueError(f"drafter budget must be one of {self.MODES}, got {self.mode!r}")
+        if self.max_s < 0 or self.min_s < 0:
+            raise ValueError("drafter budget seconds must be >= 0")
+
+    def allowance(self, saved_s: float) -> float:
+        """Seconds to train after a rollout in which speculation saved `saved_s` (negative: lost)."""
+        if self.mode == "fixed":
+            return self.max_s
+        self.banked_s = min(self.banked_s + saved_s, self.max_s)
+        return self.banked_s if self.banked_s > 0 and self.banked_s >= self.min_s else 0.0
+
+    def spend(self, seconds: float) -> None:
+        if self.mode == "earned":
+            self.banked_s -= seconds
+
+
 class OnlineDrafterHook:
     """The online drafter (`tlt.drafter_sync.OnlineDrafter`) in a GRPO step: it collects the engine's
-    rollout states, trains for up to `budget_s` seconds after each rollout (on one machine the spot
-    trainer's "idle" window is taken from the step, and counted in its time) and publishes a new drafter
-    version into the engine; after the policy push, data of the old policy is aged out.
+    rollout states, trains after each rollout and publishes a new drafter version into the engine; after the
+    policy push, data of the old policy is aged out.
+
+    How long it trains (`budget`):
+    - "fixed": `budget_s` seconds after every rollout. Right where the hardware is otherwise idle then (TLT's
+      spot trainer on a GPU cluster's long tail), but on one machine that time is taken from the step.
+    - "earned": only the time speculation saved in the rollouts so far (the engine's `spec_seconds_saved`:
+      speculative rounds against plain decoding's round time at the same batch size), at most `budget_s` per
+      step; savings not spent carry over, and a step trains only once `min_s` seconds are banked (a
+      shorter run is mostly the publish gate's fixed cost). So the drafter never costs the run more than
+      speculation gained: the budget for a machine with no idle hardware.
 
     A version is published only if it does at least as well as the serving one on a quarter of the step's
     rollouts kept out of training (`holdout_every=4`): a few seconds of training on one step's rollouts
     can make a good offline drafter worse (measured: accept length 2.01 -> 1.66)."""
 
-    def __init__(self, engine, budget_s: float, **online_kwargs):
+    def __init__(self, engine, budget_s: float, budget: str = "fixed", min_s: float = 1.0, **online_kwargs):
         from tlt.drafter_sync import OnlineDrafter
 
+        self.budget = DrafterBudget(budget, budget_s, min_s)
         online_kwargs.setdefault("holdout_every", 4)
         self.online = OnlineDrafter(engine, **online_kwargs)
-        self.budget_s = budget_s
 
-    def after_rollout(self) -> dict:
+    def after_rollout(self, saved_s: float = 0.0) -> dict:
+        """Train (and maybe publish) after a rollout in which speculation saved `saved_s` seconds."""
         t = time.perf_counter()
-        res = self.online.train_idle(time_budget_s=self.budget_s) if self.budget_s > 0 else {}
-        return {"seconds": time.perf_counter() - t, "steps": res.get("steps", 0),
-                "published": res.get("published"), "sink_s": self.online.sink_time_s,
-                "gate": self.online.last_gate}
+        allowed = self.budget.allowance(saved_s)
+        res = self.online.train_idle(time_budget_s=allowed) if allowed > 0 else {}
+        spent = time.perf_counter() - t
+        self.budget.spend(spent)
+        return {"seconds": spent, "steps": res.get("steps", 0), "published": res.get("published"),
+                "sink_s": self.online.sink_time_s, "gate": self.online.last_gate, "allowed_s": allowed,
+                "saved_s": saved_s, "banked_s": self.budget.banked_s}
 
     def after_push(self, weight_version: str) -> float:
         t = time.perf_counter()
@@ -537,7 +578,8 @@ class GRPOTrainer:
             raise RuntimeError(f"rollout returned {len(outs)} outputs, expected {len(ids) * n}")
         rewards = [float(self.reward_fn(o, probs[i // n])) for i, o in enumerate(outs)]
         # The drafter trains on this rollout before the policy moves: its labels are the rollout policy's.
-        drafter = self.drafter.after_rollout() if self.drafter is not None else {"seconds": 0.0}
+        drafter = ({"seconds": 0.0} if self.drafter is None else
+                   self.drafter.after_rollout(batch.stats.get("spec_seconds_saved", 0.0)))
         check = self._check(ids, params, outs) if self.lossless_check else None
 
         t = time.perf_counter()
@@ -589,8 +631,10 @@ class GRPOTrainer:
         tag = f"[{self.label}] " if self.label else ""
         return (f"{tag}step {r.step}/{self.cfg.steps}  reward {r.reward_mean:.3f}  rollout {r.rollout_s:5.1f} s "
                 f"(tail {r.tail_s:4.1f} s)  train {r.train_s:5.1f} s  push {r.push_s:.1f} s  "
-                f"{r.tokens} tok  {acc}  arms {_arm_mix(r.arm_stats)}  drafter {r.drafter_version or '-'}  "
-                f"loss {r.loss:+.4f}  "
+                f"{r.tokens} tok  {acc}  arms {_arm_mix(r.arm_stats)}  drafter {r.drafter_version or '-'}"
+                + (f" (trained {r.drafter_s:.1f} s, saved {r.drafter_train['saved_s']:+.1f} s)"
+                   if "saved_s" in r.drafter_train else "")
+                + f"  loss {r.loss:+.4f}  "
                 f"clip {r.clip_frac:.3f}"
                 + ("" if r.lossless_check is None else
                    f"  replay without spec: {'identical' if r.lossless_check['identical'] else 'DIFFERENT'}"))

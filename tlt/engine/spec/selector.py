@@ -204,6 +204,10 @@ class ArmSelector:
             return there  # no baseline on both sides: small batches are latency-bound, time barely changes
         return None
 
+    def round_time(self, batch_size: int, arm: Arm) -> float | None:
+        """Median round time of `arm` measured in this batch size's bucket (None: not warmed up there)."""
+        return self._own_time(bucket_of(batch_size), arm)
+
     def estimate(self, batch_size: int, arm: Arm) -> float | None:
         """Expected goodput (tokens/s) of `arm` at this batch size."""
         t, y = self._round_time(bucket_of(batch_size), arm), self._mean_yield(arm)
