@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import time
 
 import pytest
 import torch
@@ -213,6 +214,22 @@ def test_training_items_equal_target_features_labels(engine):
         assert torch.equal(it["target_logp"], f["target_logp"]) and torch.equal(it["aux"], f["aux"])
 
 
+def test_head_labels_equal_the_full_heads_labels(engine):
+    """HeadLabels runs the LM head at the draft vocabulary's rows only: the same labels (float32 rounding)."""
+    from tlt.drafter_sync.buffer import HeadLabels
+
+    d2t = torch.arange(0, 2 * VD, 2)
+    buf = DrafterDataBuffer(1 << 24, recency_half_life=None)
+    for r in _decoded_records(engine, [[5, 6, 7, 8], [100, 200, 300]], new_tokens=7):
+        buf.push(r)
+    full = buf.training_items(2, engine.model.logits, d2t, torch.Generator().manual_seed(0))
+    rows = buf.training_items(2, HeadLabels(lambda: engine.model.head_weight), d2t, torch.Generator().manual_seed(0))
+    for a, b in zip(full, rows):
+        assert torch.equal(a["tokens"], b["tokens"])
+        assert torch.allclose(a["target_logp"].float(), b["target_logp"].float(), atol=2e-2)  # bf16 storage
+        assert torch.equal(a["target_logp"].float().argmax(-1), b["target_logp"].float().argmax(-1))
+
+
 def _prefill(engine, tokens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     mc = engine.model_config
     kv = KVCache(mc, engine.dtype, engine.device, capacity_bytes=(len(tokens) + 256) * engine.kv.bytes_per_token,
@@ -278,6 +295,11 @@ def test_should_yield_is_asked_before_every_step(engine):
     assert res["stopped"] == "yield" and spot.steps == 2 and calls == [0, 1, 2]
     assert spot.run(lambda: True)["steps"] == 0 and spot.steps == 2
     assert spot.run(lambda: False, time_budget_s=0.0)["stopped"] == "time_budget"
+    # No step starts that would likely end past the budget: with steps of ~50 ms, 0.12 s allows two.
+    spot.train_step = lambda: (time.sleep(0.05), {"step": 0})[1]
+    spot.last_step_s = 0.0
+    res = spot.run(lambda: False, time_budget_s=0.12)
+    assert res["steps"] == 2 and res["stopped"] == "time_budget" and res["elapsed_s"] < 0.12
     empty = _spot(engine, [])
     assert empty.run(lambda: False)["stopped"] == "no_data"
 

@@ -166,15 +166,31 @@ class DrafterDataBuffer:
                     "versions": list(self._versions), **self.counts}
 
 
+class HeadLabels:
+    """A label function that runs the target's LM head at the draft vocabulary's rows only: the labels are the
+    target's logits there, renormalised, so nothing else is needed (for an 8k draft vocabulary of a 49k one,
+    a sixth of the work of the full head). `head_weight()` returns the live [V, H] weight, read at every
+    call so that policy weight updates are seen."""
+
+    def __init__(self, head_weight: Callable[[], torch.Tensor]):
+        self.head_weight = head_weight
+
+    def __call__(self, hidden: torch.Tensor, d2t: torch.Tensor | None = None) -> torch.Tensor:
+        w = self.head_weight()
+        if d2t is not None:
+            w = w[d2t.to(w.device)]
+        return torch.nn.functional.linear(hidden.to(w.device, w.dtype), w).float()
+
+
 def training_items(records: list[dict], label_fn: Callable[[torch.Tensor], torch.Tensor], d2t: torch.Tensor,
                    generator: torch.Generator | None = None, window: int | None = None) -> list[dict]:
     """Records as training items {"tokens", "aux", "target_logp", "loss_mask"} (the format of
     `training.target_features`), cropped to `window` positions first so labels cost only what is trained.
 
     `label_fn`: stored last hidden states [N, H] -> the target's logits [N, V] (for an engine,
-    `lambda h: engine.model.logits(h.to(engine.device))`). Labels are the log-softmax of the logits over
-    the draft vocabulary `d2t`; the loss covers drafter positions p >= prompt_len - 2, whose label is
-    a generated token."""
+    `lambda h: engine.model.logits(h.to(engine.device))`), or a `HeadLabels` (logits at `d2t` only).
+    Labels are the log-softmax of the logits over the draft vocabulary `d2t`; the loss covers drafter
+    positions p >= prompt_len - 2, whose label is a generated token."""
     cropped = []
     for rec in records:
         m = len(rec["tokens"])
@@ -184,8 +200,12 @@ def training_items(records: list[dict], label_fn: Callable[[torch.Tensor], torch
     if not cropped:
         return []
     with torch.no_grad():
-        logits = label_fn(torch.cat([c["hidden"] for c in cropped]))  # [sum of lengths, V]
-        logp = torch.log_softmax(logits[..., d2t.to(logits.device)].float(), dim=-1).to(torch.bfloat16).cpu()
+        hidden = torch.cat([c["hidden"] for c in cropped])
+        if isinstance(label_fn, HeadLabels):
+            logits = label_fn(hidden, d2t)  # [sum of lengths, Vd]
+        else:
+            logits = label_fn(hidden)[..., d2t.to(hidden.device)]  # [sum of lengths, V] -> [.., Vd]
+        logp = torch.log_softmax(logits.float(), dim=-1).to(torch.bfloat16).cpu()
     out, start = [], 0
     for c in cropped:
         m = len(c["tokens"])

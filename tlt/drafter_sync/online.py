@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import torch
 
-from tlt.drafter_sync.buffer import DrafterDataBuffer
+from tlt.drafter_sync.buffer import DrafterDataBuffer, HeadLabels
 from tlt.drafter_sync.publish import DrafterPublisher
 from tlt.drafter_sync.trainer import SpotTrainer
 from tlt.drafter_sync.training import DrafterTrainer, TrainerConfig, evaluate_items, expected_tokens
@@ -74,6 +74,7 @@ class OnlineDrafter:
                                  TrainerConfig(ttt_steps=ttt_steps, lr=lr, warmup_steps=warmup_steps))
         self.buffer = DrafterDataBuffer(capacity_bytes, hidden_size=mc.hidden_size,
                                         recency_half_life=recency_half_life)
+        self._labels = HeadLabels(lambda: self.source.model.head_weight)
         self.spot = SpotTrainer(trainer, self.buffer, self._labels, batch_size=batch_size, window=window, seed=seed)
         # The gate's reference: what the engines serve now (the starting drafter until the first publish).
         self._serving = copy.deepcopy(start).eval().requires_grad_(False)
@@ -83,6 +84,7 @@ class OnlineDrafter:
         self._records_seen = 0
         self.gate_rejections = 0
         self.last_gate: dict | None = None
+        self.publish_time_s = 0.0  # the last publish's cost (gate included): reserved in train_idle's budget
         self.publisher = DrafterPublisher(self.spot, [e for e in self.engines if e.spec is not None],
                                           out_dir=out_dir, prefix=prefix)
         self.sink_time_s = 0.0  # time rollouts spent handing data over: the data path's cost to them
@@ -102,10 +104,6 @@ class OnlineDrafter:
             raise ValueError("no drafter to start from: give a drafter folder, or an engine with "
                              "speculative_draft_model_path")
         return copy.deepcopy(serving)
-
-    def _labels(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Stored last hidden states -> the target's logits, with the source engine's live LM head."""
-        return self.source.model.logits(hidden.to(self.source.device, self.source.dtype))
 
     def _sink(self, record: dict) -> None:
         # Runs on an engine's loop, inside a rollout: only the copy into the buffer, timed.
@@ -132,8 +130,9 @@ class OnlineDrafter:
     def train_idle(self, should_yield: Callable[[], bool] | None = None, *, time_budget_s: float | None = None,
                    max_steps: int | None = None, publish: bool = True, poll_interval_s: float = 0.002) -> dict:
         """Spot steps until `should_yield()` is True (asked before every step, so rollout work waits at most one
-        step), `time_budget_s` passes, `max_steps` were tried or the buffer is empty; then publish if any step
-        succeeded. Returns {"steps", "bad_steps", "elapsed_s", "stopped", "published": version or None,
+        step), `time_budget_s` would pass (the publish included: the last publish's cost is kept free, and no
+        step starts that would likely end past it), `max_steps` were tried or the buffer is empty; then publish
+        if any step succeeded. Returns {"steps", "bad_steps", "elapsed_s", "stopped", "published": version or None,
         "preemption_latency_s": from should_yield() turning True to the return, None if it never did}.
 
         To time the preemption, a helper thread also polls `should_yield` every `poll_interval_s` while a
@@ -158,7 +157,10 @@ class OnlineDrafter:
         if watcher is not None:
             watcher.start()
         try:
-            res = self.spot.run(seen, max_steps=max_steps, time_budget_s=time_budget_s)
+            # The publish (gate and delivery) comes out of the budget too: its last measured cost is reserved.
+            reserve = self.publish_time_s if publish else 0.0
+            train_budget = None if time_budget_s is None else time_budget_s - reserve
+            res = self.spot.run(seen, max_steps=max_steps, time_budget_s=train_budget)
             res["published"] = self.publish() if publish and res["steps"] else None
         finally:
             done.set()
@@ -171,25 +173,36 @@ class OnlineDrafter:
     def publish(self) -> str | None:
         """Deliver the drafter as a new version to the engines now; the version, or None (nothing new, the last
         step failed, or the gate found it worse than the serving version on held-out records)."""
-        if self.holdout_every and len(self.holdout) and self.publisher.published_step != self.spot.steps:
-            cand, serving = self.evaluate(self.spot.drafter), self.evaluate(self._serving)
-            self.last_gate = {"candidate": cand, "serving": serving, "step": self.spot.steps}
-            if cand < serving:
-                self.gate_rejections += 1
-                logger.info("drafter at step %d not published: %.3f expected tokens per round on held-out records "
-                            "vs %.3f for the serving version", self.spot.steps, cand, serving)
-                return None
-        version = self.publisher.publish()
-        if version is not None:
-            self._serving = copy.deepcopy(self.spot.drafter).eval().requires_grad_(False)
-        return version
+        t0 = time.perf_counter()
+        try:
+            if self.holdout_every and len(self.holdout) and self.publisher.published_step != self.spot.steps:
+                items = self._holdout_items()  # one sample and one set of labels for both drafters
+                cand, serving = self.evaluate(self.spot.drafter, items), self.evaluate(self._serving, items)
+                self.last_gate = {"candidate": cand, "serving": serving, "step": self.spot.steps}
+                if cand < serving:
+                    self.gate_rejections += 1
+                    logger.info("drafter at step %d not published: %.3f expected tokens per round on held-out "
+                                "records vs %.3f for the serving version", self.spot.steps, cand, serving)
+                    return None
+            version = self.publisher.publish()
+            if version is not None:
+                self._serving = copy.deepcopy(self.spot.drafter).eval().requires_grad_(False)
+            return version
+        finally:
+            self.publish_time_s = time.perf_counter() - t0
+
+    def _holdout_items(self) -> list[dict]:
+        return self.holdout.training_items(self.holdout_records, self._labels, self.spot.drafter.d2t,
+                                           torch.Generator().manual_seed(self.seed), self.window)
 
     @torch.no_grad()
-    def evaluate(self, drafter: EagleDrafter) -> float:
+    def evaluate(self, drafter: EagleDrafter, items: list[dict] | None = None) -> float:
         """Expected tokens per chain round on the held-out records (the same sample for every drafter):
-        1 + a1 + a1*a2 + ..., a_k = top-1 agreement with the target at draft depth k (training-time test)."""
-        items = self.holdout.training_items(self.holdout_records, self._labels, drafter.d2t,
-                                            torch.Generator().manual_seed(self.seed), self.window)
+        1 + a1 + a1*a2 + ..., a_k = top-1 agreement with the target at draft depth k (training-time test).
+        `items`: from `_holdout_items()` (labels over the training drafter's vocabulary), to share them."""
+        if items is None or not torch.equal(drafter.d2t.cpu(), self.spot.drafter.d2t.cpu()):
+            items = self.holdout.training_items(self.holdout_records, self._labels, drafter.d2t,
+                                                torch.Generator().manual_seed(self.seed), self.window)
         if not items:
             return 0.0
         trainer = self.spot.trainer

@@ -62,6 +62,7 @@ class SpotTrainer:
         self.bad_steps = 0
         self.consecutive_bad = 0
         self.train_time_s = 0.0
+        self.last_step_s = 0.0  # the last step's wall time (run() starts no step expected to overrun its budget)
         self.last_loss: float | None = None
         self.last_acc: list[float] = []
         self.last_step_ok = True
@@ -120,7 +121,8 @@ class SpotTrainer:
             if should_yield():
                 stopped = "yield"
                 break
-            if time_budget_s is not None and time.perf_counter() - t0 >= time_budget_s:
+            # No step starts that would likely end past the budget (a step's time: the last one's).
+            if time_budget_s is not None and time.perf_counter() - t0 + self.last_step_s > time_budget_s:
                 stopped = "time_budget"
                 break
             if len(self.buffer) == 0:
@@ -130,7 +132,9 @@ class SpotTrainer:
                 stopped = "failing"
                 break
             tried += 1
+            t_step = time.perf_counter()
             metrics = self.train_step()
+            self.last_step_s = time.perf_counter() - t_step
             if metrics is None:
                 bad += 1
                 continue
