@@ -176,3 +176,25 @@ def test_smollm2_greedy_matches_transformers(smol_engine, hf_smol):
     for p, out in zip(ids, outs):
         assert out["output_ids"] == hf_greedy(hf_smol, p, 16)
         assert out["text"] == smol_engine.tokenizer.decode(out["output_ids"], skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_fp32_linear_uses_a_transposed_copy_above_three_rows(bias):
+    """float32 on CPU: Linear keeps weight.T for >= 4 rows (torch's general GEMM path is 2-3x slower there
+    than its matrix-vector path for <= 3 rows); the result is the same linear map."""
+    from tlt.engine.models.decoder import Linear
+
+    torch.manual_seed(0)
+    lin = Linear(24, 40, bias=bias)
+    lin.pack(True)
+    assert lin.weight_t is not None and lin.packed is None and lin.weight_t.is_contiguous()
+    for rows in (1, 3, 4, 9):
+        x = torch.randn(2, rows, 24)
+        assert torch.allclose(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias), atol=1e-5)
+    with torch.no_grad():
+        lin.weight.mul_(2)  # a weight update: the copy is stale until pack() runs again, as for bf16's
+    lin.pack(True)
+    x = torch.randn(5, 24)
+    assert torch.allclose(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias), atol=1e-5)
+    lin.pack(False)
+    assert lin.weight_t is None

@@ -21,7 +21,7 @@ def test_parse_arm_and_names():
 
 
 def test_buckets():
-    assert [bucket_of(b) for b in (1, 2, 3, 4, 5, 8, 9, 64, 65)] == [1, 2, 4, 4, 8, 8, 16, 64, 128]
+    assert [bucket_of(b) for b in (0, 1, 2, 3, 9, 16, 17, 32, 33, 64, 65)] == [1, 1, 2, 3, 9, 16, 32, 32, 64, 64, 128]
 
 
 # Physics of the simulated engine: round time depends on the batch bucket and the arm; an arm's yield

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from tlt.engine import kernels
-from tlt.engine.models.decoder import AttentionBatch, DecoderLayer, Linear, RMSNorm, cpu_packing_supported
+from tlt.engine.models.decoder import AttentionBatch, DecoderLayer, Linear, RMSNorm, cpu_fp32, cpu_packing_supported
 from tlt.engine.models.model_config import ModelConfig
 
 FORMAT = "tlt-eagle3-drafter-v1"
@@ -91,10 +91,10 @@ class EagleDrafter(nn.Module):
         return self.lm_head(self.norm(h)).float()
 
     def pack_weights(self) -> None:
-        """Pre-packed weight copies for inference on CPU in bf16/fp16 (as the target's; ~2x faster GEMV).
-        Only for a drafter that serves: training reads the parameters, which packing leaves untouched."""
+        """Inference weight copies on CPU, as the target's (`Linear.pack`). Only for a drafter that serves:
+        training reads the parameters, which packing leaves untouched."""
         w = self.fc.weight
-        enabled = cpu_packing_supported(w.dtype, w.device) and not w.requires_grad
+        enabled = (cpu_packing_supported(w.dtype, w.device) or cpu_fp32(w.dtype, w.device)) and not w.requires_grad
         for m in self.modules():
             if isinstance(m, Linear):
                 m.pack(enabled)
