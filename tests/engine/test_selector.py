@@ -21,7 +21,8 @@ def test_parse_arm_and_names():
 
 
 def test_buckets():
-    assert [bucket_of(b) for b in (0, 1, 2, 3, 9, 16, 17, 32, 33, 64, 65)] == [1, 1, 2, 3, 9, 16, 32, 32, 64, 64, 128]
+    assert [bucket_of(b) for b in (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 13, 17, 25, 33, 64, 65)] == [
+        1, 1, 2, 3, 4, 6, 6, 8, 8, 12, 12, 16, 24, 32, 48, 64, 96]
 
 
 # Physics of the simulated engine: round time depends on the batch bucket and the arm; an arm's yield
