@@ -31,6 +31,8 @@ def test_bench_rl_writes_json_and_plots(tiny_models, tmp_path):
         assert key in res
     assert res["steps"] == 2 and len(res["rewards_baseline"]) == len(res["rewards_tlt"]) == 2
     assert res["e2e_speedup"] > 0 and res["rollout_speedup"] > 0
+    same_train = res["e2e_speedup_same_train"]  # training times evened out: only when the rollouts were identical
+    assert (same_train > 0) if res["rollouts_identical"] else same_train is None
     assert res["config"]["drafter"] == "random"
     for mode in ("baseline", "tlt"):
         assert set(res["seconds"][mode]) == {"step", "rollout", "tail", "train", "push", "drafter"}
