@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import tlt
+from tlt.drafter_sync import OnlineDrafter
 from tlt.drafter_sync.buffer import DrafterDataBuffer
 from tlt.drafter_sync.publish import DrafterPublisher
 from tlt.drafter_sync.trainer import SpotTrainer
@@ -393,3 +394,29 @@ def test_an_engine_that_refuses_does_not_block_the_others(engine):
     ok = _FakeEngine()
     pub = DrafterPublisher(spot, [_Refusing(), ok])
     assert pub.publish() == "online-1" and pub.failures == 1 and len(ok.received) == 1
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_online_drafter_trains_the_parameters_not_a_serving_copy(tiny_models, tmp_path, dtype):
+    """An OnlineDrafter started from an engine's serving drafter, whose Linears keep inference copies (float32:
+    transposed; bfloat16: oneDNN-packed, opaque to deepcopy), trains every weight: a copy has no gradient, and a
+    stale one would serve the old weights."""
+    from tlt.engine.models.decoder import Linear
+
+    base = tlt.Engine(tiny_models["llama"], dtype="float32")
+    EagleDrafter.random(base.model_config, seed=0, draft_vocab_size=VD).save(str(tmp_path / "d"))
+    base.shutdown()
+    e = tlt.Engine(tiny_models["llama"], dtype=dtype, speculative_draft_model_path=str(tmp_path / "d"),
+                   speculative_num_steps=2, speculative_eagle_topk=1, speculative_num_draft_tokens=3)
+    serving = [m for m in e.spec.drafter.modules() if isinstance(m, Linear)]
+    assert any(m.weight_t is not None or m.packed is not None for m in serving)  # the engine's copy keeps them
+    od = OnlineDrafter(e)
+    linears = {n: m for n, m in od.drafter.named_modules() if isinstance(m, Linear)}
+    assert all(m.weight_t is None and m.packed is None for m in linears.values())
+    e.generate(input_ids=[[5, 6, 7, 8], [9, 10, 11]], sampling_params={"temperature": 0, "max_new_tokens": 24,
+                                                                         "ignore_eos": True})
+    before = {n: m.weight.detach().clone() for n, m in linears.items()}
+    assert od.train_idle(max_steps=2, publish=False)["steps"] == 2
+    assert all(not torch.equal(before[n], m.weight) for n, m in linears.items()), "a Linear did not train"
+    od.close()
+    e.shutdown()

@@ -66,6 +66,7 @@ class OnlineDrafter:
         dev = source.device
         start = self._starting_drafter(drafter)
         start = start.to(device=dev, dtype=torch.float32).requires_grad_(True)
+        start.pack_weights()  # trainable: drops inference copies a serving drafter's deep copy brought along
         # A copy, refreshed on every policy update: training must not see the engine's weights change mid-step.
         self.embed = torch.nn.Embedding.from_pretrained(source.model.embed.weight.detach().float().clone(),
                                                         freeze=True)
@@ -94,7 +95,7 @@ class OnlineDrafter:
 
     def _starting_drafter(self, drafter) -> EagleDrafter:
         if isinstance(drafter, EagleDrafter):
-            return copy.deepcopy(drafter)
+            return drafter.unpacked_copy()
         if isinstance(drafter, str):
             return EagleDrafter.load(drafter, self.source.model_config)
         if drafter is not None:
@@ -103,7 +104,7 @@ class OnlineDrafter:
         if serving is None:
             raise ValueError("no drafter to start from: give a drafter folder, or an engine with "
                              "speculative_draft_model_path")
-        return copy.deepcopy(serving)
+        return serving.unpacked_copy()
 
     def _sink(self, record: dict) -> None:
         # Runs on an engine's loop, inside a rollout: only the copy into the buffer, timed.

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import copy
 import itertools
 import logging
 import threading
@@ -542,7 +541,7 @@ class Engine:
             raise ValueError("the new drafter's shape (hidden size, target vocab, aux layers, layers) differs from "
                              "the engine's drafter")
         # A private copy: the caller may keep training its drafter; the engine's is frozen and packed.
-        drafter = copy.deepcopy(drafter).to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
+        drafter = drafter.unpacked_copy().to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
         if not all(bool(torch.isfinite(p).all()) for p in drafter.parameters()):
             raise ValueError("the new drafter has non-finite weights")
         drafter.pack_weights()

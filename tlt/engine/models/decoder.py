@@ -149,6 +149,8 @@ class Linear(nn.Linear):
             self.weight_t = w.t().contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.requires_grad:  # training reads the parameter, never a copy (which has no gradient)
+            return F.linear(x, self.weight, self.bias)
         if self.packed is not None:
             return packed_linear(x, self.packed, self.bias)
         if self.weight_t is not None and x.numel() > FP32_GEMV_ROWS * x.shape[-1]:

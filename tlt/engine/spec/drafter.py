@@ -11,6 +11,7 @@ Saved as a folder: config.json + model.safetensors (without the shared embedding
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -100,6 +101,16 @@ class EagleDrafter(nn.Module):
                 m.pack(enabled)
         for layer in self.layers:
             layer.fused = enabled and w.dtype == torch.bfloat16 and kernels.available()
+
+    def unpacked_copy(self) -> EagleDrafter:
+        """A deep copy (same dtype, device, requires_grad) without the inference weight copies of `pack_weights`:
+        those are derived, and oneDNN's are opaque tensors that `copy.deepcopy` cannot copy."""
+        new = type(self)(copy.deepcopy(self.cfg), self.layer_cfg)
+        w = self.fc.weight
+        new = new.to(device=w.device, dtype=w.dtype)
+        new.load_state_dict(self.state_dict())
+        new.train(self.training)
+        return new.requires_grad_(w.requires_grad)
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str) -> None:
