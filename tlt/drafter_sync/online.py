@@ -66,7 +66,6 @@ class OnlineDrafter:
         dev = source.device
         start = self._starting_drafter(drafter)
         start = start.to(device=dev, dtype=torch.float32).requires_grad_(True)
-        start.pack_weights()  # trainable: drops inference copies a serving drafter's deep copy brought along
         # A copy, refreshed on every policy update: training must not see the engine's weights change mid-step.
         self.embed = torch.nn.Embedding.from_pretrained(source.model.embed.weight.detach().float().clone(),
                                                         freeze=True)

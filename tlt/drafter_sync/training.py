@@ -374,7 +374,7 @@ def train_offline(engine, out_dir: str, *, num_prompts: int = 256, max_new_token
     atomically. `holdout` records (at most a quarter) are kept out of training and evaluated."""
     import os
 
-    from tlt.drafter_sync.buffer import DrafterDataBuffer, training_items
+    from tlt.drafter_sync.buffer import DrafterDataBuffer, HeadLabels, training_items
     from tlt.drafter_sync.prompts import self_instruct_prompts, training_prompts
 
     cache = os.path.join(out_dir, "train_data.pt")
@@ -423,22 +423,18 @@ def train_offline(engine, out_dir: str, *, num_prompts: int = 256, max_new_token
     longest = max(len(r["tokens"]) for r in records) + 8
     rope = RotaryTable(mc.head_dim, mc.rope_theta, mc.rope_scaling, longest, "cpu", torch.float32)
 
-    head = engine.model.head_weight.detach()[d2t.to(engine.device)]  # the LM head's draft-vocabulary rows
-    ident = torch.arange(len(d2t))
-
-    def label_fn(hidden: torch.Tensor) -> torch.Tensor:  # logits over the draft vocabulary only (6x cheaper)
-        return torch.nn.functional.linear(hidden.to(engine.device, engine.dtype), head).float()
+    label_fn = HeadLabels(lambda: engine.model.head_weight.detach())  # the draft vocabulary's rows only
 
     buf = DrafterDataBuffer(sum(r["aux"].nbytes + r["hidden"].nbytes + r["tokens"].nbytes for r in train) + 1,
                             recency_half_life=None)
     for r in train:
         buf.push(r)
-    heldout = training_items(held, label_fn, ident)  # whole records: the context inference sees
+    heldout = training_items(held, label_fn, d2t)  # whole records: the context inference sees
     c = drafter.cfg
     log(f"training: {max_steps} steps, batch {batch_size}, window {window}, {ttt_steps} TTT steps, "
         f"{c.num_layers} layer(s), MLP {drafter.layer_cfg.intermediate_size}, draft vocab {len(d2t)}, "
         f"{len(train)} records ({len(held)} held out)")
-    metrics = train_drafter(drafter, embed, rope, lambda n, g: buf.training_items(n, label_fn, ident, g, window),
+    metrics = train_drafter(drafter, embed, rope, lambda n, g: buf.training_items(n, label_fn, d2t, g, window),
                             steps=ttt_steps, max_steps=max_steps, batch_size=batch_size, lr=lr, seed=seed,
                             log=log, time_budget_s=time_budget_s, heldout=heldout)
     drafter.cfg.version = f"offline-{int(time.time())}"

@@ -140,13 +140,7 @@ class Linear(nn.Linear):
         fp32 = cpu_fp32(w.dtype, w.device)
         self.packed = torch.ops.mkldnn._reorder_linear_weight(w) if enabled and not fp32 and cpu_packing_supported(
             w.dtype, w.device) else None
-        if not (enabled and fp32):
-            self.weight_t = None
-        elif self.weight_t is not None and self.weight_t.shape == w.t().shape and not self.weight_t.is_inference():
-            with torch.no_grad():  # a weight update: refill in place (no fresh pages to fault in)
-                self.weight_t.copy_(w.t())
-        else:
-            self.weight_t = w.t().contiguous()
+        self.weight_t = w.t().contiguous() if enabled and fp32 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight.requires_grad:  # training reads the parameter, never a copy (which has no gradient)
