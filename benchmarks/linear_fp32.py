@@ -1,12 +1,18 @@
-"""float32 linears on CPU: torch's linear vs a transposed weight copy vs a oneDNN-packed copy, by rows.
+"""float32 linears on CPU, as a decode or verify pass meets them: every layer's weights read once per pass.
 
     python -m benchmarks.linear_fp32 [--json benchmarks/results/linear_fp32.json]
 
-Why tlt keeps a transposed copy of every float32 Linear's weight (used above `FP32_GEMV_ROWS` = 3 rows) and a
-oneDNN-packed copy of the LM head (tlt/engine/models/decoder.py): torch's linear takes a matrix-vector
-path for up to 3 rows and a general GEMM above, which on this CPU is 2-3.5x slower at 4-16 rows, exactly
-the row counts of verify passes and small decode batches. SmolLM2-135M's shapes, microseconds per call
-(best of 3 runs of `--calls` calls each, after a warm-up).
+Why tlt reads float32 Linears of up to `FP32_KERNEL_ROWS` rows through its own kernel (`kernels.linear_f32`)
+and the LM head through it up to `FP32_HEAD_KERNEL_ROWS` rows (tlt/engine/models/decoder.py): a small model's
+weights do not fit in the cores' caches, so a pass with few rows is bound by reading them, and torch's float32
+GEMM reads them ~1.7x slower at 4-16 rows than its matrix-vector path does at one. Measured over SmolLM2-135M's
+30 layers (qkv, o, gate_up, down: 425 MB of float32 weights, one pass = every layer once, the rows' activations
+random), milliseconds per pass, best of `--repeats`; and the LM head (113 MB) alone, its cache flushed before
+each call. Ways: torch's linear, a transposed weight copy (the fallback without a C compiler), oneDNN's packed
+copy (the head's), the kernel.
+
+An earlier version of this benchmark timed one layer's weights over and over: hot in cache, which hid the
+problem (a transposed copy looked 2-3x faster there; over the whole model it is not, see docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -16,53 +22,83 @@ import time
 
 from benchmarks.common import machine, write_json
 
-SHAPES = {"qkv": (576, 960), "gate_up": (576, 3072), "down": (1536, 576), "lm_head": (576, 49152)}
-ROWS = (1, 2, 3, 4, 8, 16, 32, 64)
+LAYERS = 30
+SHAPES = {"qkv": (576, 960), "o": (576, 576), "gate_up": (576, 3072), "down": (1536, 576)}
+HEAD = (576, 49152)
+ROWS = (1, 2, 4, 8, 16, 32, 64)
 
 
-def run(calls: int = 100, log=print) -> dict:
+def run(repeats: int = 5, log=print) -> dict:
     import torch
     import torch.nn.functional as F
 
+    from tlt.engine import kernels
     from tlt.engine.models.decoder import packed_linear
 
     torch.manual_seed(0)
+    have_kernel = kernels.available()
+    weights = [{name: torch.randn(n, k) for name, (k, n) in SHAPES.items()} for _ in range(LAYERS)]
+    transposed = [{name: w.t().contiguous() for name, w in layer.items()} for layer in weights]
+    mb = sum(w.numel() for w in weights[0].values()) * 4 * LAYERS / 1e6
 
-    def timed(f, n: int) -> float:
-        for _ in range(3):
-            f()
+    def model_pass(rows: int, way: str) -> float:
+        xs = {k: torch.randn(rows, k) for k, _ in SHAPES.values()}
         best = float("inf")
-        for _ in range(3):
+        for _ in range(repeats):
             t = time.perf_counter()
-            for _ in range(n):
-                f()
-            best = min(best, (time.perf_counter() - t) / n)
-        return best * 1e6
+            for layer, layer_t in zip(weights, transposed):
+                for name, (k, _) in SHAPES.items():
+                    x = xs[k]
+                    if way == "linear":
+                        F.linear(x, layer[name])
+                    elif way == "transposed":
+                        x @ layer_t[name]
+                    else:
+                        kernels.linear_f32(x, layer[name])
+            best = min(best, time.perf_counter() - t)
+        return best * 1e3
 
-    rows_out = []
-    for name, (k, n) in SHAPES.items():
-        w = torch.randn(n, k)
-        wt = w.t().contiguous()
-        packed = torch.ops.mkldnn._reorder_linear_weight(w)
-        reps = max(calls // 20, 3) if n > 10000 else calls
-        for m in ROWS:
-            x = torch.randn(m, k)
-            r = {"shape": name, "in": k, "out": n, "rows": m,
-                 "linear_us": timed(lambda x=x, w=w: F.linear(x, w), reps),
-                 "transposed_us": timed(lambda x=x, wt=wt: x @ wt, reps),
-                 "onednn_packed_us": timed(lambda x=x, p=packed: packed_linear(x, p), reps)}
-            rows_out.append(r)
-            log(f"{name:8s} {k:5d}->{n:5d} rows {m:3d}: linear {r['linear_us']:8.0f} us  transposed "
-                f"{r['transposed_us']:8.0f} us  oneDNN packed {r['onednn_packed_us']:8.0f} us")
-    return {"results": rows_out, "machine": machine()}
+    head = torch.randn(HEAD[1], HEAD[0])
+    head_packed = torch.ops.mkldnn._reorder_linear_weight(head)
+    flush = torch.empty(64 << 20)  # 256 MB written between calls: the head comes from memory, as in a decode pass
+
+    def head_call(rows: int, way: str) -> float:
+        x = torch.randn(rows, HEAD[0])
+        best = float("inf")
+        for _ in range(repeats):
+            flush.fill_(1.0)
+            t = time.perf_counter()
+            if way == "linear":
+                F.linear(x, head)
+            elif way == "onednn_packed":
+                packed_linear(x, head_packed)
+            else:
+                kernels.linear_f32(x, head)
+            best = min(best, time.perf_counter() - t)
+        return best * 1e3
+
+    layer_ways = ["linear", "transposed"] + (["kernel"] if have_kernel else [])
+    head_ways = ["linear", "onednn_packed"] + (["kernel"] if have_kernel else [])
+    out = {"layers": [], "lm_head": [], "layer_weights_mb": round(mb, 1), "kernel_available": have_kernel}
+    for rows in ROWS:
+        r = {"rows": rows, **{f"{w}_ms": round(model_pass(rows, w), 2) for w in layer_ways}}
+        out["layers"].append(r)
+        log(f"30 layers ({mb:.0f} MB), rows {rows:2d}: " + "  ".join(f"{w} {r[w + '_ms']:6.2f} ms" for w in layer_ways))
+    for rows in ROWS:
+        r = {"rows": rows, **{f"{w}_ms": round(head_call(rows, w), 2) for w in head_ways}}
+        out["lm_head"].append(r)
+        log(f"LM head 576->49152, rows {rows:2d}: " + "  ".join(f"{w} {r[w + '_ms']:6.2f} ms" for w in head_ways))
+    out["machine"] = machine()
+    out["torch_threads"] = torch.get_num_threads()
+    return out
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", default=None)
-    p.add_argument("--calls", type=int, default=100)
+    p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args(argv)
-    write_json(args.json, run(args.calls))
+    write_json(args.json, run(args.repeats))
 
 
 if __name__ == "__main__":

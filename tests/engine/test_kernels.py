@@ -168,3 +168,26 @@ def test_fused_decoder_layer_matches_torch_layer():
     _assert_rounding_close(outs[True][2], outs[False][2])
     a, b = outs[True][0].float(), outs[False][0].float()
     assert (a - b).abs().max() <= 0.05 * b.abs().max()
+
+
+@pytest.mark.parametrize("rows,inp,out", [(1, 576, 960), (4, 576, 3072), (7, 40, 13), (13, 1536, 6), (64, 17, 5)])
+def test_linear_f32_equals_torch_and_rows_do_not_depend_on_each_other(rows, inp, out):
+    """The float32 few-row linear: torch's linear map (another summation order: within float32 rounding), and
+    each row's result bit-identical to computing that row alone (decode and verify passes agree)."""
+    g = torch.Generator().manual_seed(rows * 1000 + inp)
+    x, w = torch.randn(rows, inp, generator=g), torch.randn(out, inp, generator=g)
+    y = kernels.linear_f32(x, w)
+    ref = F.linear(x.double(), w.double()).float()
+    assert torch.allclose(y, ref, rtol=1e-5, atol=1e-5 * inp ** 0.5)
+    for r in {0, rows // 2, rows - 1}:
+        assert torch.equal(y[r : r + 1], kernels.linear_f32(x[r : r + 1].contiguous(), w))
+
+
+def test_linear_f32_refuses_bad_tensors():
+    w = torch.randn(8, 16)
+    with pytest.raises(ValueError, match="features"):
+        kernels.linear_f32(torch.randn(2, 15), w)
+    with pytest.raises(ValueError, match="float32"):
+        kernels.linear_f32(torch.randn(2, 16).bfloat16(), w)
+    with pytest.raises(ValueError, match="contiguous"):
+        kernels.linear_f32(torch.randn(16, 2).t(), w)

@@ -179,22 +179,33 @@ def test_smollm2_greedy_matches_transformers(smol_engine, hf_smol):
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_fp32_linear_uses_a_transposed_copy_above_three_rows(bias):
-    """float32 on CPU: Linear keeps weight.T for >= 4 rows (torch's general GEMM path is 2-3x slower there
-    than its matrix-vector path for <= 3 rows); the result is the same linear map."""
-    from tlt.engine.models.decoder import Linear
+@pytest.mark.parametrize("with_kernels", [True, False])
+def test_fp32_linear_inference_paths(bias, with_kernels, monkeypatch):
+    """float32 on CPU: Linear reads few rows through the C kernel (`kernels.linear_f32`), or without the kernels
+    through a transposed weight copy above three rows (torch's general GEMM is slow at 4-16 rows); either way
+    the same linear map, refreshed by pack() after a weight update."""
+    from tlt.engine import kernels
+    from tlt.engine.models.decoder import FP32_KERNEL_ROWS, Linear
 
+    if with_kernels and not kernels.available():
+        pytest.skip("no C compiler: kernels not built")
+    if not with_kernels:
+        monkeypatch.setattr(kernels, "available", lambda: False)
     torch.manual_seed(0)
     lin = Linear(24, 40, bias=bias)
     lin.pack(True)
-    assert lin.weight_t is not None and lin.packed is None and lin.weight_t.is_contiguous()
-    for rows in (1, 3, 4, 9):
+    assert lin.packed is None
+    if with_kernels:
+        assert lin.fp32_kernel and lin.weight_t is None
+    else:
+        assert not lin.fp32_kernel and lin.weight_t is not None and lin.weight_t.is_contiguous()
+    for rows in (1, 3, 4, 9, FP32_KERNEL_ROWS + 1):
         x = torch.randn(2, rows, 24)
         assert torch.allclose(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias), atol=1e-5)
     with torch.no_grad():
-        lin.weight.mul_(2)  # a weight update: the copy is stale until pack() runs again, as for bf16's
+        lin.weight.mul_(2)  # a weight update: a copy is stale until pack() runs again, as for bf16's
     lin.pack(True)
     x = torch.randn(5, 24)
     assert torch.allclose(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias), atol=1e-5)
     lin.pack(False)
-    assert lin.weight_t is None
+    assert lin.weight_t is None and not lin.fp32_kernel

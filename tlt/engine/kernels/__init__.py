@@ -1,16 +1,18 @@
-"""Fused bfloat16 CPU kernels for the decode step (cpu_kernels.c), built on first use.
+"""Fused CPU kernels (cpu_kernels.c), built on first use.
 
 Why: on a 2-core CPU a decode step of a small model is ~40 tiny torch ops per layer around 4 matmuls,
-and their dispatch costs as much as the matmuls. Three fused kernels (residual add + RMSNorm, rotary +
-KV-cache write, SiLU x up) cut that to a handful of calls per layer. The others serve sampling: a
+and their dispatch costs as much as the matmuls. Three fused bfloat16 kernels (residual add + RMSNorm,
+rotary + KV-cache write, SiLU x up) cut that to a handful of calls per layer. The others serve sampling: a
 row-parallel argmax, and seeded Gumbel noise (materialised, or fused into the argmax of a Gumbel-max draw)
 written so that the numpy fallback in sampling.py gives the same bits: no sample depends on whether a
-compiler was there.
+compiler was there. And one float32 linear for a few rows (decode and verify passes), which reads each
+weight row once for all rows where torch's float32 GEMM is ~1.7x slower at 4-16 rows than at one.
 
 The C file is compiled with the system C compiler into a per-user cache the first time it is needed
 (~0.3 s) and loaded with ctypes: no torch headers, no build step at install time. Without a compiler,
-or with `TLT_CPU_KERNELS=0`, `available()` is False and the model keeps its pure-torch path. float32
-never uses these kernels: its outputs are compared with transformers bit for bit.
+or with `TLT_CPU_KERNELS=0`, `available()` is False and the model keeps its pure-torch path. In float32
+only the linear is used (its results are float32 sums in another order than torch's: tests compare with
+transformers within float32 rounding, and generations token for token).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ _SIGNATURES = {
     "tlt_argmax_f32": [_i64, _i64, _ptr, _ptr],
     "tlt_seeded_gumbel_f32": [_i64, _i64, _ptr, _ptr],
     "tlt_seeded_gumbel_argmax": [_i64, _i64, _ptr, _ptr, _ptr],
+    "tlt_linear_f32": [_i64, _i64, _i64, _ptr, _ptr, _ptr],
 }
 
 
@@ -199,4 +202,18 @@ def seeded_gumbel_argmax(x: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
         raise ValueError("one stream state per row")
     out = torch.empty(x.shape[0], dtype=torch.int64)
     _lib.tlt_seeded_gumbel_argmax(x.shape[0], x.shape[1], x.data_ptr(), states.data_ptr(), out.data_ptr())
+    return out
+
+
+def linear_f32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [R, I] @ weight [O, I].T -> [R, O], float32, each output summed in an order that does not depend on R
+    (see tlt_linear_f32): for the few rows of decode and verify passes."""
+    _check()
+    for t in (x, weight):
+        if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() or t.dim() != 2:
+            raise ValueError("linear_f32 needs contiguous float32 CPU [R, I] and [O, I] tensors")
+    if x.shape[1] != weight.shape[1]:
+        raise ValueError(f"linear_f32: x has {x.shape[1]} features, the weight {weight.shape[1]}")
+    out = torch.empty((x.shape[0], weight.shape[0]), dtype=torch.float32)
+    _lib.tlt_linear_f32(x.shape[0], x.shape[1], weight.shape[0], x.data_ptr(), weight.data_ptr(), out.data_ptr())
     return out

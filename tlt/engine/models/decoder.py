@@ -109,21 +109,28 @@ def fused_layer(x, delta, tensors: tuple, shape: tuple[int, ...], cos, sin, posi
     return x, packed_linear(kernels.silu_mul(packed_linear(h, gu_w)), down_w)
 
 
-# float32 on CPU: torch's linear (MKL) takes a matrix-vector path for up to 3 rows and a general one above,
-# which for 4-16 rows is 2-3.5x slower than 3 rows (576 -> 960: 18 us at 3 rows, 70 us at 4); a matmul with
-# the weight stored transposed ([in, out], contiguous) does not have that cliff (23 us at 4 rows). Verify
-# passes and small decode batches live exactly there.
+# float32 on CPU: torch's linear (MKL) takes a matrix-vector path for up to 3 rows and a general GEMM above,
+# which reads a weight that is not in cache ~1.7x slower at 4-16 rows than one row does (SmolLM2's 30 layers:
+# 28 ms at 4 rows, 34 ms at 8, against 16 ms at one; `benchmarks/linear_fp32.py`). Verify passes and small
+# decode batches live exactly there. `kernels.linear_f32` reads each weight row once for all rows: 15 ms at one
+# row, 17 at 4, 20 at 8, 29 at 16, 42 at 32; it serves up to FP32_KERNEL_ROWS rows (the LM head, which oneDNN's
+# packed copy serves better above 8 rows, up to FP32_HEAD_KERNEL_ROWS). Its rows do not depend on each other,
+# so up to that size a decode pass and a verify pass compute bit-identical linears. Without the C kernels a
+# transposed copy of the weight ([in, out], contiguous) is the fallback above FP32_GEMV_ROWS.
 FP32_GEMV_ROWS = 3
+FP32_KERNEL_ROWS = 64
+FP32_HEAD_KERNEL_ROWS = 8
 
 
 def cpu_fp32(dtype: torch.dtype, device: torch.device) -> bool:
-    """float32 on CPU: Linear keeps a transposed weight copy, the LM head a oneDNN-packed one."""
+    """float32 on CPU: Linear reads few rows through `kernels.linear_f32` (or a transposed weight copy), the LM
+    head has a oneDNN-packed copy."""
     return device.type == "cpu" and dtype == torch.float32
 
 
 class Linear(nn.Linear):
-    """nn.Linear with an inference copy of its weight on CPU: oneDNN pre-packed (bf16/fp16), or transposed
-    (float32, see FP32_GEMV_ROWS).
+    """nn.Linear with an inference path for its weight on CPU: a oneDNN pre-packed copy (bf16/fp16), or for
+    float32 the few-row kernel (a transposed copy without the C kernels; see FP32_KERNEL_ROWS).
 
     The parameter stays the source of truth (HF names, weight updates); `pack()` refreshes the copy.
     """
@@ -134,20 +141,28 @@ class Linear(nn.Linear):
         # weight update does not recompile.
         self.register_buffer("packed", None, persistent=False)
         self.register_buffer("weight_t", None, persistent=False)
+        self.fp32_kernel = False
 
     def pack(self, enabled: bool) -> None:
         w = self.weight.detach()
         fp32 = cpu_fp32(w.dtype, w.device)
         self.packed = torch.ops.mkldnn._reorder_linear_weight(w) if enabled and not fp32 and cpu_packing_supported(
             w.dtype, w.device) else None
-        self.weight_t = w.t().contiguous() if enabled and fp32 else None
+        self.fp32_kernel = bool(enabled and fp32 and w.is_contiguous() and kernels.available())
+        self.weight_t = w.t().contiguous() if enabled and fp32 and not self.fp32_kernel else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight.requires_grad:  # training reads the parameter, never a copy (which has no gradient)
             return F.linear(x, self.weight, self.bias)
         if self.packed is not None:
             return packed_linear(x, self.packed, self.bias)
-        if self.weight_t is not None and x.numel() > FP32_GEMV_ROWS * x.shape[-1]:
+        if self.fp32_kernel and x.dtype == torch.float32:
+            rows = x.numel() // x.shape[-1]
+            if rows <= FP32_KERNEL_ROWS:
+                y = kernels.linear_f32(x.reshape(rows, x.shape[-1]).contiguous(), self.weight)
+                y = y.view(*x.shape[:-1], y.shape[-1])
+                return y if self.bias is None else y + self.bias
+        elif self.weight_t is not None and x.numel() > FP32_GEMV_ROWS * x.shape[-1]:
             y = torch.matmul(x, self.weight_t)
             return y if self.bias is None else y + self.bias
         return F.linear(x, self.weight, self.bias)
@@ -260,6 +275,7 @@ class DecoderLM(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.register_buffer("head_packed", None, persistent=False)
+        self.head_fp32_kernel = False
         self.max_positions = max_positions
         self.rope: RotaryTable | None = None
         self.fused_cpu = False  # bf16 on CPU with the fused kernels built (set by pack_weights)
@@ -283,6 +299,8 @@ class DecoderLM(nn.Module):
         # The head is oneDNN-packed in float32 too: at 2-64 rows 1.1-2.4x faster than torch's linear.
         pack_head = enabled and onednn_packing_available()
         self.head_packed = torch.ops.mkldnn._reorder_linear_weight(self.head_weight.detach()) if pack_head else None
+        self.head_fp32_kernel = bool(enabled and cpu_fp32(w.dtype, w.device) and self.head_weight.is_contiguous()
+                                     and kernels.available())
         self.fused_cpu = bool(enabled) and w.dtype == torch.bfloat16 and kernels.available()
         # The fused path reads each layer's tensors from one flat tuple: no nn.Module lookups per call.
         self._fused_layers = [layer.fused_tensors() for layer in self.layers] if self.fused_cpu else None
@@ -336,6 +354,10 @@ class DecoderLM(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[..., hidden] -> float32 logits [..., vocab]."""
+        rows = hidden.numel() // hidden.shape[-1]
+        if self.head_fp32_kernel and hidden.dtype == torch.float32 and rows <= FP32_HEAD_KERNEL_ROWS:
+            rows = hidden.reshape(rows, hidden.shape[-1]).contiguous()
+            return kernels.linear_f32(rows, self.head_weight).view(*hidden.shape[:-1], self.head_weight.shape[0])
         if self.head_packed is not None:
             return packed_linear(hidden, self.head_packed).float()
         return F.linear(hidden, self.head_weight).float()
