@@ -191,3 +191,20 @@ def test_linear_f32_refuses_bad_tensors():
         kernels.linear_f32(torch.randn(2, 16).bfloat16(), w)
     with pytest.raises(ValueError, match="contiguous"):
         kernels.linear_f32(torch.randn(16, 2).t(), w)
+
+
+@pytest.mark.skipif(not kernels.linear_bf16_available(), reason="CPU without AVX512-BF16")
+@pytest.mark.parametrize("rows,inp,out", [(1, 576, 960), (4, 576, 3072), (3, 40, 13), (6, 1536, 6), (9, 17, 5)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_bf16_rounds_the_float32_sum_once_and_rows_do_not_depend_on_each_other(rows, inp, out, bias):
+    """The bf16 few-row linear: the exact sum of bf16 products, rounded once to bf16 (the float32 accumulation
+    may move the result by one bf16 step, as another summation order would); each row bit-identical to
+    computing it alone."""
+    g = torch.Generator().manual_seed(rows * 1000 + inp)
+    x, w = torch.randn(rows, inp, generator=g).bfloat16(), torch.randn(out, inp, generator=g).bfloat16()
+    b = torch.randn(out, generator=g).bfloat16() if bias else None
+    y = kernels.linear_bf16(x, w, b)
+    exact = F.linear(x.double(), w.double(), None if b is None else b.double())
+    _assert_rounding_close(y, exact.bfloat16())
+    for r in {0, rows // 2, rows - 1}:
+        assert torch.equal(y[r : r + 1], kernels.linear_bf16(x[r : r + 1].contiguous(), w, b))

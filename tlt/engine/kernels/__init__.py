@@ -47,6 +47,7 @@ _SIGNATURES = {
     "tlt_seeded_gumbel_f32": [_i64, _i64, _ptr, _ptr],
     "tlt_seeded_gumbel_argmax": [_i64, _i64, _ptr, _ptr, _ptr],
     "tlt_linear_f32": [_i64, _i64, _i64, _ptr, _ptr, _ptr],
+    "tlt_linear_bf16": [_i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr],
 }
 
 
@@ -216,4 +217,25 @@ def linear_f32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"linear_f32: x has {x.shape[1]} features, the weight {weight.shape[1]}")
     out = torch.empty((x.shape[0], weight.shape[0]), dtype=torch.float32)
     _lib.tlt_linear_f32(x.shape[0], x.shape[1], weight.shape[0], x.data_ptr(), weight.data_ptr(), out.data_ptr())
+    return out
+
+
+def linear_bf16_available() -> bool:
+    """True when the kernels are built for a CPU with AVX512-BF16 (`linear_bf16`)."""
+    return available() and bool(_lib.tlt_linear_bf16_supported())
+
+
+def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [R, I] @ weight [O, I].T (+ bias) -> [R, O], bfloat16 in and out, float32 sums rounded once; each row's
+    result independent of the others (see tlt_linear_bf16): for the few rows of decode and verify passes."""
+    if not linear_bf16_available():
+        raise RuntimeError("the bfloat16 linear kernel needs the C kernels on a CPU with AVX512-BF16")
+    _check(x, weight, *(() if bias is None else (bias,)))
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"linear_bf16: x {tuple(x.shape)} and weight {tuple(weight.shape)} do not match")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError("linear_bf16: one bias per output")
+    out = torch.empty((x.shape[0], weight.shape[0]), dtype=torch.bfloat16)
+    _lib.tlt_linear_bf16(x.shape[0], x.shape[1], weight.shape[0], x.data_ptr(), weight.data_ptr(),
+                         None if bias is None else bias.data_ptr(), out.data_ptr())
     return out

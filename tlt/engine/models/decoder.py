@@ -65,6 +65,21 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
     return _ONEDNN_LINEAR(x, packed, bias, "none", [], "")
 
 
+# bfloat16 on CPU: oneDNN's packed linear reads weights at ~18 GB/s whatever the rows (1-16: ~11.6 ms over
+# SmolLM2's 30 layers), `kernels.linear_bf16` at ~28 GB/s for one row (8.1 ms), 9.1 ms at 2 and 10.5 ms at 4;
+# above that it is arithmetic-bound and oneDNN (AMX) wins. `benchmarks/linear_fp32.py --dtype bfloat16`.
+BF16_KERNEL_ROWS = 4
+
+
+def bf16_linear(x: torch.Tensor, weights: tuple, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [N, in] bf16 @ W^T (+ b); `weights` = (oneDNN-packed W, plain W or None): the few-row kernel reads the
+    plain weight for up to BF16_KERNEL_ROWS rows, oneDNN the packed one otherwise."""
+    packed, weight = weights
+    if weight is not None and x.shape[0] <= BF16_KERNEL_ROWS:
+        return kernels.linear_bf16(x.contiguous(), weight, bias)
+    return packed_linear(x, packed, bias)
+
+
 def additive_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
     """A bool attention mask -> None when every key is visible (SDPA's unmasked path), else the additive
     bf16 mask (SDPA would convert a bool mask on every call, i.e. once per layer)."""
@@ -95,7 +110,7 @@ def fused_layer(x, delta, tensors: tuple, shape: tuple[int, ...], cos, sin, posi
     N = B * T
     in_w, in_eps, qkv_w, qkv_b, q_norm, k_norm, o_w, post_w, post_eps, gu_w, down_w = tensors
     x, h = kernels.add_rms_norm(x, delta, in_w, in_eps)
-    qkv = packed_linear(h, qkv_w, qkv_b)
+    qkv = bf16_linear(h, qkv_w, qkv_b)
     if q_norm is not None:  # Qwen3: per-head q/k norm before rotary (torch ops)
         qk, v = qkv.view(N, nh + 2 * kvh, d).split([nh + kvh, kvh], dim=1)
         q, k = qk.split([nh, kvh], dim=1)
@@ -105,8 +120,8 @@ def fused_layer(x, delta, tensors: tuple, shape: tuple[int, ...], cos, sin, posi
     attn = F.scaled_dot_product_attention(
         q.view(B, T, nh, d).transpose(1, 2), k_cache[rs, :, :kv_len], v_cache[rs, :, :kv_len],
         attn_mask=mask, enable_gqa=True)  # [B, heads, T, D]
-    x, h = kernels.add_rms_norm(x, packed_linear(attn.transpose(1, 2).reshape(N, nh * d), o_w), post_w, post_eps)
-    return x, packed_linear(kernels.silu_mul(packed_linear(h, gu_w)), down_w)
+    x, h = kernels.add_rms_norm(x, bf16_linear(attn.transpose(1, 2).reshape(N, nh * d), o_w), post_w, post_eps)
+    return x, bf16_linear(kernels.silu_mul(bf16_linear(h, gu_w)), down_w)
 
 
 # float32 on CPU: torch's linear (MKL) takes a matrix-vector path for up to 3 rows and a general GEMM above,
@@ -142,6 +157,7 @@ class Linear(nn.Linear):
         self.register_buffer("packed", None, persistent=False)
         self.register_buffer("weight_t", None, persistent=False)
         self.fp32_kernel = False
+        self.bf16_kernel = False
 
     def pack(self, enabled: bool) -> None:
         w = self.weight.detach()
@@ -150,11 +166,20 @@ class Linear(nn.Linear):
             w.dtype, w.device) else None
         self.fp32_kernel = bool(enabled and fp32 and w.is_contiguous() and kernels.available())
         self.weight_t = w.t().contiguous() if enabled and fp32 and not self.fp32_kernel else None
+        self.bf16_kernel = bool(self.packed is not None and w.dtype == torch.bfloat16 and w.is_contiguous()
+                                and kernels.linear_bf16_available())
+
+    def bf16_weights(self) -> tuple:
+        """(packed weight, plain weight or None) for `bf16_linear`."""
+        return self.packed, (self.weight.detach() if self.bf16_kernel else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight.requires_grad:  # training reads the parameter, never a copy (which has no gradient)
             return F.linear(x, self.weight, self.bias)
         if self.packed is not None:
+            if self.bf16_kernel and x.dtype == torch.bfloat16 and x.numel() <= BF16_KERNEL_ROWS * x.shape[-1]:
+                rows = x.reshape(-1, x.shape[-1])
+                return bf16_linear(rows, self.bf16_weights(), self.bias).view(*x.shape[:-1], self.out_features)
             return packed_linear(x, self.packed, self.bias)
         if self.fp32_kernel and x.dtype == torch.float32:
             rows = x.numel() // x.shape[-1]
@@ -245,9 +270,9 @@ class DecoderLayer(nn.Module):
 
     def fused_tensors(self) -> tuple:
         """This layer's tensors for `fused_layer` (the packed weights: call after `pack`)."""
-        return (self.input_norm.weight, self.input_norm.eps, self.qkv.packed, self.qkv.bias, self.q_norm,
-                self.k_norm, self.o_proj.packed, self.post_norm.weight, self.post_norm.eps, self.gate_up.packed,
-                self.down.packed)
+        return (self.input_norm.weight, self.input_norm.eps, self.qkv.bf16_weights(), self.qkv.bias, self.q_norm,
+                self.k_norm, self.o_proj.bf16_weights(), self.post_norm.weight, self.post_norm.eps,
+                self.gate_up.bf16_weights(), self.down.bf16_weights())
 
     def _forward_fused(self, x, cos, sin, k_cache, v_cache, batch: AttentionBatch):
         """`forward` through `fused_layer`; cos/sin [B, T, D] become a per-token rotary table."""
@@ -276,6 +301,7 @@ class DecoderLM(nn.Module):
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.register_buffer("head_packed", None, persistent=False)
         self.head_fp32_kernel = False
+        self.head_bf16_kernel = False
         self.max_positions = max_positions
         self.rope: RotaryTable | None = None
         self.fused_cpu = False  # bf16 on CPU with the fused kernels built (set by pack_weights)
@@ -301,6 +327,8 @@ class DecoderLM(nn.Module):
         self.head_packed = torch.ops.mkldnn._reorder_linear_weight(self.head_weight.detach()) if pack_head else None
         self.head_fp32_kernel = bool(enabled and cpu_fp32(w.dtype, w.device) and self.head_weight.is_contiguous()
                                      and kernels.available())
+        self.head_bf16_kernel = bool(self.head_packed is not None and w.dtype == torch.bfloat16
+                                     and self.head_weight.is_contiguous() and kernels.linear_bf16_available())
         self.fused_cpu = bool(enabled) and w.dtype == torch.bfloat16 and kernels.available()
         # The fused path reads each layer's tensors from one flat tuple: no nn.Module lookups per call.
         self._fused_layers = [layer.fused_tensors() for layer in self.layers] if self.fused_cpu else None
@@ -356,8 +384,11 @@ class DecoderLM(nn.Module):
         """[..., hidden] -> float32 logits [..., vocab]."""
         rows = hidden.numel() // hidden.shape[-1]
         if self.head_fp32_kernel and hidden.dtype == torch.float32 and rows <= FP32_HEAD_KERNEL_ROWS:
-            rows = hidden.reshape(rows, hidden.shape[-1]).contiguous()
-            return kernels.linear_f32(rows, self.head_weight).view(*hidden.shape[:-1], self.head_weight.shape[0])
+            flat = hidden.reshape(rows, hidden.shape[-1]).contiguous()
+            return kernels.linear_f32(flat, self.head_weight).view(*hidden.shape[:-1], self.head_weight.shape[0])
+        if self.head_bf16_kernel and hidden.dtype == torch.bfloat16 and rows <= BF16_KERNEL_ROWS:
+            out = kernels.linear_bf16(hidden.reshape(rows, hidden.shape[-1]).contiguous(), self.head_weight.detach())
+            return out.float().view(*hidden.shape[:-1], self.head_weight.shape[0])
         if self.head_packed is not None:
             return packed_linear(hidden, self.head_packed).float()
         return F.linear(hidden, self.head_weight).float()
