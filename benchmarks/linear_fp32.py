@@ -13,8 +13,9 @@ random), milliseconds per pass, best of `--repeats`; and the LM head (113 MB) al
 each call. Ways: torch's linear, a transposed weight copy (the fallback without a C compiler), oneDNN's packed
 copy (the head's), the kernel.
 
-With `--dtype bfloat16` the ways are torch's linear, oneDNN's packed copy (what bf16 engines use) and
-`kernels.linear_bf16` (AVX512-BF16; tlt uses it up to `BF16_KERNEL_ROWS` rows).
+With `--dtype bfloat16` the ways are torch's linear, oneDNN's packed copy (bf16 engines' path for many rows),
+`kernels.linear_bf16` (AVX512-BF16; tlt's for one row) and `kernels.linear_amx` (AMX tiles; tlt's for 2 to
+`AMX_ROWS` rows).
 
 An earlier version of this benchmark timed one layer's weights over and over: hot in cache, which hid the
 problem (a transposed copy looked 2-3x faster there; over the whole model it is not, see docs/BENCHMARKS.md).
@@ -50,6 +51,8 @@ def run(repeats: int = 5, dtype: str = "float32", log=print) -> dict:
     second = "onednn_packed" if bf16 else "transposed"
     copies = [{name: torch.ops.mkldnn._reorder_linear_weight(w) if bf16 else w.t().contiguous()
                for name, w in layer.items()} for layer in weights]
+    have_amx = bf16 and kernels.amx_available()
+    tiles = [{name: kernels.amx_pack(w) for name, w in layer.items()} for layer in weights] if have_amx else None
     mb = sum(w.numel() * w.element_size() for w in weights[0].values()) * LAYERS / 1e6
 
     def model_pass(rows: int, way: str) -> float:
@@ -57,10 +60,12 @@ def run(repeats: int = 5, dtype: str = "float32", log=print) -> dict:
         best = float("inf")
         for _ in range(repeats):
             t = time.perf_counter()
-            for layer, layer_c in zip(weights, copies):
-                for name, (k, _) in SHAPES.items():
+            for li, (layer, layer_c) in enumerate(zip(weights, copies)):
+                for name, (k, n) in SHAPES.items():
                     x = xs[k]
-                    if way == "linear":
+                    if way == "amx":
+                        kernels.linear_amx(x, tiles[li][name], n)
+                    elif way == "linear":
                         F.linear(x, layer[name])
                     elif way == "transposed":
                         x @ layer_c[name]
@@ -73,6 +78,7 @@ def run(repeats: int = 5, dtype: str = "float32", log=print) -> dict:
 
     head = torch.randn(HEAD[1], HEAD[0], dtype=dt)
     head_packed = torch.ops.mkldnn._reorder_linear_weight(head)
+    head_tiles = kernels.amx_pack(head) if have_amx else None
     flush = torch.empty(64 << 20)  # 256 MB written between calls: the head comes from memory, as in a decode pass
 
     def head_call(rows: int, way: str) -> float:
@@ -81,7 +87,9 @@ def run(repeats: int = 5, dtype: str = "float32", log=print) -> dict:
         for _ in range(repeats):
             flush.fill_(1.0)
             t = time.perf_counter()
-            if way == "linear":
+            if way == "amx":
+                kernels.linear_amx(x, head_tiles, HEAD[1])
+            elif way == "linear":
                 F.linear(x, head)
             elif way == "onednn_packed":
                 packed_linear(x, head_packed)
@@ -90,10 +98,11 @@ def run(repeats: int = 5, dtype: str = "float32", log=print) -> dict:
             best = min(best, time.perf_counter() - t)
         return best * 1e3
 
-    layer_ways = ["linear", second] + (["kernel"] if have_kernel else [])
-    head_ways = ["linear", "onednn_packed"] + (["kernel"] if have_kernel else [])
+    extra = (["kernel"] if have_kernel else []) + (["amx"] if have_amx else [])
+    layer_ways = ["linear", second] + extra
+    head_ways = ["linear", "onednn_packed"] + extra
     out = {"dtype": dtype, "layers": [], "lm_head": [], "layer_weights_mb": round(mb, 1),
-           "kernel_available": have_kernel}
+           "kernel_available": have_kernel, "amx_available": have_amx}
     for rows in ROWS:
         r = {"rows": rows, **{f"{w}_ms": round(model_pass(rows, w), 2) for w in layer_ways}}
         out["layers"].append(r)

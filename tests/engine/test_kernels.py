@@ -208,3 +208,31 @@ def test_linear_bf16_rounds_the_float32_sum_once_and_rows_do_not_depend_on_each_
     _assert_rounding_close(y, exact.bfloat16())
     for r in {0, rows // 2, rows - 1}:
         assert torch.equal(y[r : r + 1], kernels.linear_bf16(x[r : r + 1].contiguous(), w, b))
+
+
+def test_amx_pack_layout():
+    """Tile (n, k) holds weight[16 n + j, 32 k + 2 kk + p] at [kk, j, p], zero-padded."""
+    w = torch.arange(20 * 40, dtype=torch.float32).view(20, 40).bfloat16()
+    t = kernels.amx_pack(w)
+    assert t.shape == (2, 2, 16, 16, 2)
+    for n, k, kk, j, p in [(0, 0, 0, 0, 0), (0, 1, 3, 5, 1), (1, 0, 15, 3, 1), (1, 1, 2, 3, 0)]:
+        o, i = 16 * n + j, 32 * k + 2 * kk + p
+        assert t[n, k, kk, j, p] == (w[o, i] if o < 20 and i < 40 else 0)
+
+
+@pytest.mark.skipif(not kernels.amx_available(), reason="CPU or OS without AMX")
+@pytest.mark.parametrize("rows,inp,out", [(1, 576, 960), (16, 576, 64), (3, 40, 13), (17, 1536, 6), (40, 64, 35)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_amx_rounds_the_float32_sum_once_and_rows_do_not_depend_on_each_other(rows, inp, out, bias):
+    """The AMX linear: the exact sum rounded once to bf16 (up to float32 accumulation order), every row
+    bit-identical to computing it alone, whether it shares a 16-row tile or a pair of tiles with others."""
+    g = torch.Generator().manual_seed(rows * 1000 + inp)
+    x, w = torch.randn(rows, inp, generator=g).bfloat16(), torch.randn(out, inp, generator=g).bfloat16()
+    b = torch.randn(out, generator=g).bfloat16() if bias else None
+    tiles = kernels.amx_pack(w)
+    y = kernels.linear_amx(x, tiles, out, b)
+    _assert_rounding_close(y, F.linear(x.double(), w.double(), None if b is None else b.double()).bfloat16())
+    for r in {0, rows // 2, rows - 1}:
+        assert torch.equal(y[r : r + 1], kernels.linear_amx(x[r : r + 1].contiguous(), tiles, out, b))
+    with pytest.raises(ValueError, match="tiles"):
+        kernels.linear_amx(x, tiles, out + 16, b)

@@ -48,6 +48,7 @@ _SIGNATURES = {
     "tlt_seeded_gumbel_argmax": [_i64, _i64, _ptr, _ptr, _ptr],
     "tlt_linear_f32": [_i64, _i64, _i64, _ptr, _ptr, _ptr],
     "tlt_linear_bf16": [_i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr],
+    "tlt_linear_amx": [_i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr],
 }
 
 
@@ -84,6 +85,8 @@ def _build() -> ctypes.CDLL | None:
     for name, args in _SIGNATURES.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, None
+    lib.tlt_amx_init.argtypes, lib.tlt_amx_init.restype = [], ctypes.c_int
+    lib.tlt_linear_bf16_supported.argtypes, lib.tlt_linear_bf16_supported.restype = [], ctypes.c_int
     return lib
 
 
@@ -238,4 +241,42 @@ def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     out = torch.empty((x.shape[0], weight.shape[0]), dtype=torch.bfloat16)
     _lib.tlt_linear_bf16(x.shape[0], x.shape[1], weight.shape[0], x.data_ptr(), weight.data_ptr(),
                          None if bias is None else bias.data_ptr(), out.data_ptr())
+    return out
+
+
+_amx: bool | None = None
+
+
+def amx_available() -> bool:
+    """True when the kernels are built with AMX and the OS granted this process AMX state (`linear_amx`)."""
+    global _amx
+    if _amx is None:
+        _amx = available() and bool(_lib.tlt_amx_init())
+    return _amx
+
+
+def amx_pack(weight: torch.Tensor) -> torch.Tensor:
+    """A bf16 weight [O, I] -> AMX tiles [ceil(O/16), ceil(I/32), 16, 16, 2]: tile (n, k) holds, at [kk, j, p],
+    weight[16 n + j, 32 k + 2 kk + p] (zero-padded), the pair-interleaved layout TDPBF16PS reads."""
+    n_out, n_in = weight.shape
+    nb, kb = -(-n_out // 16), -(-n_in // 32)
+    w = torch.zeros((nb * 16, kb * 32), dtype=torch.bfloat16)
+    w[:n_out, :n_in] = weight
+    return w.view(nb, 16, kb, 16, 2).permute(0, 2, 3, 1, 4).contiguous()
+
+
+def linear_amx(x: torch.Tensor, packed: torch.Tensor, out_features: int,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [R, I] @ W^T (+ bias) -> [R, out_features], bf16 in and out, float32 sums rounded once, with W given as
+    `amx_pack(W)`; each row's result independent of the others (see tlt_linear_amx)."""
+    if not amx_available():
+        raise RuntimeError("the AMX linear needs the C kernels built with AMX and the OS's permission")
+    _check(x, packed, *(() if bias is None else (bias,)))
+    if x.dim() != 2 or packed.dim() != 5 or packed.shape != (-(-out_features // 16), -(-x.shape[1] // 32), 16, 16, 2):
+        raise ValueError(f"linear_amx: x {tuple(x.shape)} does not match packed tiles {tuple(packed.shape)}")
+    if bias is not None and bias.shape != (out_features,):
+        raise ValueError("linear_amx: one bias per output")
+    out = torch.empty((x.shape[0], out_features), dtype=torch.bfloat16)
+    _lib.tlt_linear_amx(x.shape[0], x.shape[1], out_features, x.data_ptr(), packed.data_ptr(),
+                        None if bias is None else bias.data_ptr(), out.data_ptr())
     return out

@@ -445,3 +445,106 @@ void tlt_linear_bf16(int64_t R, int64_t I, int64_t O, const bf16 *X, const bf16 
     (void)R, (void)I, (void)O, (void)X, (void)W, (void)bias, (void)Y;
 }
 #endif
+
+/* ---------------------------------------------------------------- bfloat16 linear on AMX tiles
+ * Y[r, o] = bf16(sum_i X[r, i] * W[o, i] (+ bias[o])) with the weight pre-packed into AMX's pair-interleaved tiles
+ * (`P`: [O/16][I/32] tiles of 16 x 32 pairs, see kernels.amx_pack); X [R, I] is copied into zero-padded blocks of 16
+ * rows. Every row block meets the same tiles in the same order: a row's result does not depend on the others.
+ *
+ * Why: oneDNN's packed bf16 linear (also AMX) reads SmolLM2's weights at ~18 GB/s for any row count up to 64; a
+ * tile multiply costs the same for 1 or 16 rows, so a linear over few rows is a stream over the weights, which
+ * this loop reads sequentially (two output blocks at a time per thread). */
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__) && defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+
+typedef struct {
+    uint8_t palette_id, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} amx_tilecfg;
+
+/* Linux gives a process AMX state only on request (torch's oneDNN makes the same request). 1: granted. */
+int tlt_amx_init(void) {
+    unsigned long bitmask = 0;
+    if (syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) != 0) return 0;
+    if (syscall(SYS_arch_prctl, 0x1022 /* ARCH_GET_XCOMP_PERM */, &bitmask) != 0) return 0;
+    return (bitmask & (1ul << 18)) != 0;
+}
+
+void tlt_linear_amx(int64_t R, int64_t I, int64_t O, const bf16 *X, const bf16 *P, const bf16 *bias, bf16 *Y) {
+    const int64_t KB = (I + 31) / 32, NB = (O + 15) / 16, RB = (R + 15) / 16, Ip = KB * 32;
+    bf16 *Xp = aligned_alloc(64, (size_t)(RB * 16 * Ip) * sizeof(bf16));
+    memset(Xp, 0, (size_t)(RB * 16 * Ip) * sizeof(bf16));
+    for (int64_t r = 0; r < R; r++) memcpy(Xp + r * Ip, X + r * I, (size_t)I * sizeof(bf16));
+#pragma omp parallel if (O * I >= PAR_MIN)
+    {
+        amx_tilecfg cfg;
+        memset(&cfg, 0, sizeof(cfg));
+        cfg.palette_id = 1;
+        for (int t = 0; t < 8; t++) {
+            cfg.rows[t] = 16;
+            cfg.colsb[t] = 64;
+        }
+        _tile_loadconfig(&cfg);
+        float acc[2][16 * 16] __attribute__((aligned(64)));
+#pragma omp for schedule(static)
+        for (int64_t nb = 0; nb < NB; nb += 2) {
+            const int two = nb + 1 < NB;
+            const bf16 *p0 = P + nb * KB * 512, *p1 = P + (nb + two) * KB * 512;
+            for (int64_t rb = 0; rb < RB; rb += 2) {
+                /* two row blocks share each weight tile when there are two (tiles 0-3: sums, 4-5: rows, 6-7: weights) */
+                const int pair = rb + 1 < RB;
+                const bf16 *xa = Xp + rb * 16 * Ip, *xb = xa + 16 * Ip;
+                _tile_zero(0);
+                _tile_zero(1);
+                _tile_zero(2);
+                _tile_zero(3);
+                for (int64_t kb = 0; kb < KB; kb++) {
+                    if (rb == 0)
+                        for (int c = 0; c < 1024; c += 64) {
+                            _mm_prefetch((const char *)(p0 + (kb + 2) * 512) + c, _MM_HINT_T0);
+                            _mm_prefetch((const char *)(p1 + (kb + 2) * 512) + c, _MM_HINT_T0);
+                        }
+                    _tile_loadd(4, xa + kb * 32, Ip * (int64_t)sizeof(bf16));
+                    _tile_loadd(6, p0 + kb * 512, 64);
+                    _tile_loadd(7, p1 + kb * 512, 64);
+                    _tile_dpbf16ps(0, 4, 6);
+                    _tile_dpbf16ps(1, 4, 7);
+                    if (pair) {
+                        _tile_loadd(5, xb + kb * 32, Ip * (int64_t)sizeof(bf16));
+                        _tile_dpbf16ps(2, 5, 6);
+                        _tile_dpbf16ps(3, 5, 7);
+                    }
+                }
+                for (int q = 0; q <= pair; q++) {
+                    if (q == 0) {
+                        _tile_stored(0, acc[0], 64);
+                        _tile_stored(1, acc[1], 64);
+                    } else {
+                        _tile_stored(2, acc[0], 64);
+                        _tile_stored(3, acc[1], 64);
+                    }
+                    const int64_t row0 = (rb + q) * 16, nrow = R - row0 < 16 ? R - row0 : 16;
+                    for (int h = 0; h <= two; h++) {
+                        const int64_t o0 = (nb + h) * 16, no = O - o0 < 16 ? O - o0 : 16;
+                        for (int64_t r = 0; r < nrow; r++)
+                            for (int64_t n = 0; n < no; n++) {
+                                const float v = acc[h][r * 16 + n];
+                                Y[(row0 + r) * O + o0 + n] = f2bf(bias ? v + bf2f(bias[o0 + n]) : v);
+                            }
+                    }
+                }
+            }
+        }
+        _tile_release();
+    }
+    free(Xp);
+}
+#else
+int tlt_amx_init(void) { return 0; }
+
+void tlt_linear_amx(int64_t R, int64_t I, int64_t O, const bf16 *X, const bf16 *P, const bf16 *bias, bf16 *Y) {
+    (void)R, (void)I, (void)O, (void)X, (void)P, (void)bias, (void)Y;
+}
+#endif

@@ -65,18 +65,24 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
     return _ONEDNN_LINEAR(x, packed, bias, "none", [], "")
 
 
-# bfloat16 on CPU: oneDNN's packed linear reads weights at ~18 GB/s whatever the rows (1-16: ~11.6 ms over
-# SmolLM2's 30 layers), `kernels.linear_bf16` at ~28 GB/s for one row (8.1 ms), 9.1 ms at 2 and 10.5 ms at 4;
-# above that it is arithmetic-bound and oneDNN (AMX) wins. `benchmarks/linear_fp32.py --dtype bfloat16`.
+# bfloat16 on CPU, by rows per pass (SmolLM2's 30 layers, weights from memory; `benchmarks/linear_fp32.py --dtype
+# bfloat16`): oneDNN's packed linear (AMX) reads the weights at ~18 GB/s for any row count up to 16 (~11.5 ms
+# per pass). `kernels.linear_bf16` (AVX512-BF16) streams them for one row (8.3 ms) but is arithmetic-bound above
+# 4; `kernels.linear_amx` (AMX tiles, tlt's own packing) takes ~9.3 ms for 2-16 rows and 11.3 ms at 32. So: one
+# row AVX512, 2..AMX_ROWS rows AMX, more rows oneDNN (without AMX: AVX512 up to BF16_KERNEL_ROWS rows).
 BF16_KERNEL_ROWS = 4
+AMX_ROWS = 32
 
 
 def bf16_linear(x: torch.Tensor, weights: tuple, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [N, in] bf16 @ W^T (+ b); `weights` = (oneDNN-packed W, plain W or None): the few-row kernel reads the
-    plain weight for up to BF16_KERNEL_ROWS rows, oneDNN the packed one otherwise."""
-    packed, weight = weights
-    if weight is not None and x.shape[0] <= BF16_KERNEL_ROWS:
+    """x [N, in] bf16 @ W^T (+ b); `weights` = (oneDNN-packed W, plain W, AVX512 kernel usable, AMX tiles or None)
+    as `Linear.bf16_weights()` gives them: the few-row kernels where they are faster, oneDNN otherwise."""
+    packed, weight, avx, tiles = weights
+    rows = x.shape[0]
+    if avx and (rows == 1 or (tiles is None and rows <= BF16_KERNEL_ROWS)):
         return kernels.linear_bf16(x.contiguous(), weight, bias)
+    if tiles is not None and rows <= AMX_ROWS:
+        return kernels.linear_amx(x.contiguous(), tiles, weight.shape[0], bias)
     return packed_linear(x, packed, bias)
 
 
@@ -156,6 +162,7 @@ class Linear(nn.Linear):
         # weight update does not recompile.
         self.register_buffer("packed", None, persistent=False)
         self.register_buffer("weight_t", None, persistent=False)
+        self.register_buffer("amx_tiles", None, persistent=False)
         self.fp32_kernel = False
         self.bf16_kernel = False
 
@@ -166,20 +173,21 @@ class Linear(nn.Linear):
             w.dtype, w.device) else None
         self.fp32_kernel = bool(enabled and fp32 and w.is_contiguous() and kernels.available())
         self.weight_t = w.t().contiguous() if enabled and fp32 and not self.fp32_kernel else None
-        self.bf16_kernel = bool(self.packed is not None and w.dtype == torch.bfloat16 and w.is_contiguous()
-                                and kernels.linear_bf16_available())
+        few_rows = self.packed is not None and w.dtype == torch.bfloat16 and w.is_contiguous()
+        self.bf16_kernel = bool(few_rows and kernels.linear_bf16_available())
+        self.amx_tiles = kernels.amx_pack(w) if few_rows and kernels.amx_available() else None
 
     def bf16_weights(self) -> tuple:
-        """(packed weight, plain weight or None) for `bf16_linear`."""
-        return self.packed, (self.weight.detach() if self.bf16_kernel else None)
+        """(oneDNN-packed weight, weight, AVX512 kernel usable, AMX tiles or None) for `bf16_linear`."""
+        return self.packed, self.weight.detach(), self.bf16_kernel, self.amx_tiles
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight.requires_grad:  # training reads the parameter, never a copy (which has no gradient)
             return F.linear(x, self.weight, self.bias)
         if self.packed is not None:
-            if self.bf16_kernel and x.dtype == torch.bfloat16 and x.numel() <= BF16_KERNEL_ROWS * x.shape[-1]:
-                rows = x.reshape(-1, x.shape[-1])
-                return bf16_linear(rows, self.bf16_weights(), self.bias).view(*x.shape[:-1], self.out_features)
+            if x.dtype == torch.bfloat16 and (self.bf16_kernel or self.amx_tiles is not None):
+                return bf16_linear(x.reshape(-1, x.shape[-1]), self.bf16_weights(), self.bias).view(
+                    *x.shape[:-1], self.out_features)
             return packed_linear(x, self.packed, self.bias)
         if self.fp32_kernel and x.dtype == torch.float32:
             rows = x.numel() // x.shape[-1]
@@ -301,7 +309,7 @@ class DecoderLM(nn.Module):
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.register_buffer("head_packed", None, persistent=False)
         self.head_fp32_kernel = False
-        self.head_bf16_kernel = False
+        self.head_bf16 = None  # `bf16_linear`'s weights for the head (set by pack_weights)
         self.max_positions = max_positions
         self.rope: RotaryTable | None = None
         self.fused_cpu = False  # bf16 on CPU with the fused kernels built (set by pack_weights)
@@ -327,8 +335,12 @@ class DecoderLM(nn.Module):
         self.head_packed = torch.ops.mkldnn._reorder_linear_weight(self.head_weight.detach()) if pack_head else None
         self.head_fp32_kernel = bool(enabled and cpu_fp32(w.dtype, w.device) and self.head_weight.is_contiguous()
                                      and kernels.available())
-        self.head_bf16_kernel = bool(self.head_packed is not None and w.dtype == torch.bfloat16
-                                     and self.head_weight.is_contiguous() and kernels.linear_bf16_available())
+        head = self.head_weight.detach()
+        few_rows = self.head_packed is not None and w.dtype == torch.bfloat16 and head.is_contiguous()
+        self.head_bf16 = None
+        if few_rows:
+            self.head_bf16 = (self.head_packed, head, kernels.linear_bf16_available(),
+                              kernels.amx_pack(head) if kernels.amx_available() else None)
         self.fused_cpu = bool(enabled) and w.dtype == torch.bfloat16 and kernels.available()
         # The fused path reads each layer's tensors from one flat tuple: no nn.Module lookups per call.
         self._fused_layers = [layer.fused_tensors() for layer in self.layers] if self.fused_cpu else None
@@ -386,8 +398,8 @@ class DecoderLM(nn.Module):
         if self.head_fp32_kernel and hidden.dtype == torch.float32 and rows <= FP32_HEAD_KERNEL_ROWS:
             flat = hidden.reshape(rows, hidden.shape[-1]).contiguous()
             return kernels.linear_f32(flat, self.head_weight).view(*hidden.shape[:-1], self.head_weight.shape[0])
-        if self.head_bf16_kernel and hidden.dtype == torch.bfloat16 and rows <= BF16_KERNEL_ROWS:
-            out = kernels.linear_bf16(hidden.reshape(rows, hidden.shape[-1]).contiguous(), self.head_weight.detach())
+        if self.head_bf16 is not None and hidden.dtype == torch.bfloat16:
+            out = bf16_linear(hidden.reshape(rows, hidden.shape[-1]), self.head_bf16)
             return out.float().view(*hidden.shape[:-1], self.head_weight.shape[0])
         if self.head_packed is not None:
             return packed_linear(hidden, self.head_packed).float()
