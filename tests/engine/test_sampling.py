@@ -336,10 +336,14 @@ def test_seeded_noise_kernel_and_numpy_paths_agree_bit_for_bit(monkeypatch):
     x[1, :10] = float("-inf")  # a truncated row
     fused = seeded_gumbel_argmax(x, states)
     assert torch.equal(fused, (x + fast).argmax(dim=-1))
+    cols = torch.tensor([0, 7, 2999, 5, 5, 1234])  # a drafter's vocabulary: only those tokens' noise
+    fast_cols = gumbel_of_states(states, V, cols=cols)
+    assert torch.equal(fast_cols, fast[:, cols])
     monkeypatch.setattr(kernels, "available", lambda: False)
     slow = gumbel_of_states(states, V)
     assert fast.dtype == slow.dtype == torch.float32
     assert torch.equal(fast, slow)
+    assert torch.equal(gumbel_of_states(states, V, cols=cols), fast_cols)
     assert torch.equal(seeded_gumbel_argmax(x, states), fused)
     # Against float64 math on the same float32 uniforms: a few float32 ulps at most.
     u = seeded_uniforms(keys, V).double().clamp(max=1 - 2.0**-24)

@@ -43,9 +43,8 @@ from tlt.engine.runner import ModelRunner
 from tlt.engine.sampling import (
     apply_penalties,
     build_sampling_batch,
-    gumbel_from_uniform,
+    gumbel_of_states,
     sample,
-    seeded_gumbel_rows,
     stream_states,
 )
 from tlt.engine.sampling_params import SamplingParams, SamplingParamsError
@@ -903,9 +902,11 @@ class Engine:
             noise = self._round_noise(seqs, arm.num_steps + 1)
             coupling = None
             if noise is not None:
-                rows, g = noise
+                rows, states = noise
                 temp = torch.tensor([seqs[r].params.temperature for r in rows.tolist()], device=self.device)
-                coupling = Coupling(rows, g[:, :, self.spec.drafter.d2t], 1.0 / temp)
+                d2t = self.spec.drafter.d2t
+                g = gumbel_of_states(states.view(-1), self.model_config.vocab_size, cols=d2t)
+                coupling = Coupling(rows, g.view(*states.shape, len(d2t)).to(self.device), 1.0 / temp)
             tree = self.spec.draft(seqs, root_h, root_logp, arm, coupling)
             hidden, aux = self.spec.verify(seqs, tree)
             self._sample_and_append(seqs, self.runner.logits(hidden), tree=tree, aux=aux, hidden=hidden,
@@ -931,24 +932,28 @@ class Engine:
         self._rounds.append((t0 - self._t_origin, arm_name(arm), B, emitted, dt))
 
     def _round_noise(self, seqs: list[Sequence], depths: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Gumbel noise [R, depths, V] for the rows that sample, drawn before a speculative round so that the
-        drafter can couple its proposals to it (spec/worker.py `Coupling`): `sampling_seed` rows get their
-        seeded noise (the same as plain decoding would use), the others fresh noise."""
+        """Noise streams for the rows that sample, fixed before a speculative round so that the drafter can couple
+        its proposals to them (spec/worker.py `Coupling`): (rows [R], stream states int64 [R, depths]), one
+        counter-based Gumbel stream per (row, output position) (sampling.gumbel_of_states). `sampling_seed` rows
+        get their seeded streams (the ones plain decoding draws from), the others streams from the engine's
+        generator. Nothing vocabulary-sized is materialised: the drafter computes its vocabulary's columns, the
+        target's draws fuse the noise into the argmax."""
         rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
         if not rows:
             return None
-        V = self.model_config.vocab_size
-        noise = torch.empty((len(rows), depths, V), device=self.device)
+        states = torch.empty((len(rows), depths), dtype=torch.int64)
         seeded = [j for j, i in enumerate(rows) if seqs[i].params.sampling_seed is not None]
         fresh = [j for j, i in enumerate(rows) if seqs[i].params.sampling_seed is None]
         if seeded:
             keys = [(seqs[rows[j]].params.sampling_seed, seqs[rows[j]].sample_index,
                      len(seqs[rows[j]].output_ids) + d) for j in seeded for d in range(depths)]
-            noise[seeded] = seeded_gumbel_rows(keys, V, self.device).view(len(seeded), depths, V)
-        if fresh:
-            u = torch.rand((len(fresh), depths, V), generator=self.generator, dtype=torch.float64)
-            noise[fresh] = gumbel_from_uniform(u).to(self.device)
-        return torch.tensor(rows, device=self.device), noise
+            states[seeded] = stream_states(keys).view(len(seeded), depths)
+        if fresh:  # 64 random bits per stream: a signed high half and an unsigned low half
+            shape = (len(fresh), depths)
+            hi = torch.randint(-(1 << 31), 1 << 31, shape, generator=self.generator, dtype=torch.int64)
+            lo = torch.randint(0, 1 << 32, shape, generator=self.generator, dtype=torch.int64)
+            states[fresh] = (hi << 32) | lo
+        return torch.tensor(rows, device=self.device), states
 
     def _choose_arm(self, batch_size: int):
         """The fixed arm, or the selector's pick among the arms that fit this batch (None: plain)."""
@@ -990,8 +995,8 @@ class Engine:
         logits [B, V]: one token per sequence. logits [B, N, V] with a draft `tree`: walk the tree (see
         spec/worker.py) and emit every token the target itself would have produced. `aux` [B, N, 3H] and
         `hidden` [B, N, H]: the target's states at the nodes; those on the accepted path are queued for
-        the drafter's catch-up and kept as drafter data. `noise` = (rows [R], Gumbel [R, D, V]): the rows
-        that sample draw by Gumbel-max with this noise at each depth (a speculative round's coupled noise).
+        the drafter's catch-up and kept as drafter data. `noise` = (rows [R], stream states [R, D]): the rows
+        that sample draw by Gumbel-max with the stream of each depth (a speculative round's coupled noise).
         """
         if logits.dim() == 2:
             logits = logits.unsqueeze(1)
@@ -1017,27 +1022,25 @@ class Engine:
         D = int(depth.max()) + 1
         # One uniform per (row, output position): nodes of equal depth share it, only one is ever emitted.
         u = torch.rand((B, D), generator=self.generator).to(dev).gather(1, depth)  # [B, N]
-        # Seeded rows: noise per (row, output position); nodes of equal depth share their position's noise.
-        keys: dict[tuple[int, int, int], int] = {}
-        g_rows, g_keys = [], []
-        depth_list = depth.tolist()
-        for i, s in enumerate(seqs):
-            p = s.params
-            if p.sampling_seed is not None and not p.greedy and noise is None:
-                for j in range(N):
-                    key = (p.sampling_seed, s.sample_index, len(s.output_ids) + depth_list[i][j])
-                    g_rows.append(i * N + j)
-                    g_keys.append(keys.setdefault(key, len(keys)))
+        # Seeded rows: a noise stream per (row, output position), fused into the draw; nodes of equal depth share
+        # their position's stream. A speculative round's sampled rows come with their streams (`noise`).
         gumbel = None
-        if noise is not None:  # node j of row b uses its depth's noise
-            rows, g = noise
-            d = depth[rows]  # [R, N]
+        if noise is not None:  # node j of row b uses its depth's stream
+            rows, states = noise
+            d = depth[rows].cpu()  # [R, N]
             gumbel = ((rows.view(-1, 1) * N + torch.arange(N, device=dev)).reshape(-1),
-                      g[torch.arange(len(rows), device=dev).view(-1, 1), d].reshape(-1, V))
-        elif g_rows and len(keys) == len(g_rows):  # one key per row (plain decoding): noise fused into the draw
-            gumbel = (torch.tensor(g_rows, device=dev), stream_states(list(keys)))
-        elif g_rows:
-            gumbel = (torch.tensor(g_rows, device=dev), seeded_gumbel_rows(list(keys), V, dev)[g_keys])
+                      states[torch.arange(len(rows)).view(-1, 1), d].reshape(-1))
+        else:
+            g_rows, g_keys = [], []
+            depth_list = depth.tolist()
+            for i, s in enumerate(seqs):
+                p = s.params
+                if p.sampling_seed is not None and not p.greedy:
+                    for j in range(N):
+                        g_rows.append(i * N + j)
+                        g_keys.append((p.sampling_seed, s.sample_index, len(s.output_ids) + depth_list[i][j]))
+            if g_rows:
+                gumbel = (torch.tensor(g_rows, device=dev), stream_states(g_keys))
         want_lp = [b for b, s in enumerate(seqs) if s.group.return_logprob]
         tokens, logprobs = sample(logits.reshape(B * N, V), sb, u.reshape(-1), gumbel, need_logprobs=bool(want_lp))
         target = tokens.view(B, N).tolist()

@@ -66,7 +66,7 @@ def stream_states(keys: list[tuple[int, int, int]]) -> torch.Tensor:
                         dtype=torch.int64)
 
 
-def gumbel_of_states(states: torch.Tensor, vocab_size: int) -> torch.Tensor:
+def gumbel_of_states(states: torch.Tensor, vocab_size: int, cols: torch.Tensor | None = None) -> torch.Tensor:
     """Gumbel noise [n, vocab] (float32, CPU) of each stream state (int64 [n], see `stream_states`).
 
     Token j of a stream: u = the (j+1)-th SplitMix64 output's top 53 bits x 2^-53 (exact in float64),
@@ -75,22 +75,30 @@ def gumbel_of_states(states: torch.Tensor, vocab_size: int) -> torch.Tensor:
     its own, and every step is integer arithmetic or one correctly rounded float32 operation in a fixed
     order: the C kernel (`kernels.seeded_gumbel`, vectorised) and this numpy path give the same bits, so
     which one runs never changes a sample.
+
+    `cols` (int64 [m], token ids): only those tokens' noise, [n, m] (a drafter's vocabulary).
     """
     if kernels.available():
+        if cols is not None:
+            return kernels.seeded_gumbel_cols(states.contiguous(), cols.cpu().contiguous())
         return kernels.seeded_gumbel(states.contiguous(), vocab_size)
     st = states.numpy().view(np.uint64)
-    out = torch.empty((len(st), vocab_size), dtype=torch.float32)
+    tokens = np.arange(vocab_size, dtype=np.uint64) if cols is None else cols.cpu().numpy().astype(np.uint64)
+    out = torch.empty((len(st), len(tokens)), dtype=torch.float32)
     for i in range(0, len(st), _NUMPY_ROWS):
-        u = np.minimum(stream_uniforms(st[i : i + _NUMPY_ROWS], vocab_size), np.float32(1.0 - 2.0**-24))
+        u = np.minimum(stream_uniforms(st[i : i + _NUMPY_ROWS], tokens), np.float32(1.0 - 2.0**-24))
         e = np.maximum(-_log1p_f32(-u), np.float32(2.0**-126))  # Exp(1); u = 0: the smallest normal
         out[i : i + _NUMPY_ROWS] = torch.from_numpy(-_log_f32(e))
     return out
 
 
-def stream_uniforms(states: np.ndarray, vocab_size: int) -> np.ndarray:
-    """The float32 uniforms [n, vocab] behind `gumbel_of_states`, for uint64 stream states [n] (numpy):
-    token j = the (j+1)-th SplitMix64 output's top 53 bits x 2^-53, rounded once to float32."""
-    z = states[:, None] + np.arange(1, vocab_size + 1, dtype=np.uint64) * np.uint64(_GAMMA)  # wraps mod 2^64
+def stream_uniforms(states: np.ndarray, tokens: int | np.ndarray) -> np.ndarray:
+    """The float32 uniforms [n, len(tokens)] behind `gumbel_of_states`, for uint64 stream states [n] (numpy) and
+    token ids (uint64 [m], or a vocabulary size: all of them): token j = the (j+1)-th SplitMix64 output's top 53
+    bits x 2^-53, rounded once to float32."""
+    if isinstance(tokens, int):
+        tokens = np.arange(tokens, dtype=np.uint64)
+    z = states[:, None] + (tokens + np.uint64(1)) * np.uint64(_GAMMA)  # wraps mod 2^64
     z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
     z ^= z >> np.uint64(31)

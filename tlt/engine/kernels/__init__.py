@@ -49,6 +49,7 @@ _SIGNATURES = {
     "tlt_linear_f32": [_i64, _i64, _i64, _ptr, _ptr, _ptr],
     "tlt_linear_bf16": [_i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr],
     "tlt_linear_amx": [_i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr],
+    "tlt_seeded_gumbel_cols_f32": [_i64, _i64, _ptr, _ptr, _ptr],
 }
 
 
@@ -192,6 +193,17 @@ def seeded_gumbel(states: torch.Tensor, vocab_size: int) -> torch.Tensor:
     _check_states(states)
     out = torch.empty((states.shape[0], vocab_size), dtype=torch.float32)
     _lib.tlt_seeded_gumbel_f32(states.shape[0], vocab_size, states.data_ptr(), out.data_ptr())
+    return out
+
+
+def seeded_gumbel_cols(states: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """`seeded_gumbel` at the tokens `cols` only (int64 [m]) -> float32 [n, m]."""
+    _check()
+    _check_states(states)
+    if cols.dtype != torch.int64 or cols.device.type != "cpu" or not cols.is_contiguous() or cols.dim() != 1:
+        raise ValueError("cols must be a contiguous int64 CPU [m] tensor")
+    out = torch.empty((states.shape[0], cols.shape[0]), dtype=torch.float32)
+    _lib.tlt_seeded_gumbel_cols_f32(states.shape[0], cols.shape[0], states.data_ptr(), cols.data_ptr(), out.data_ptr())
     return out
 
 

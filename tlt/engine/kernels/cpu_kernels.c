@@ -548,3 +548,16 @@ void tlt_linear_amx(int64_t R, int64_t I, int64_t O, const bf16 *X, const bf16 *
     (void)R, (void)I, (void)O, (void)X, (void)P, (void)bias, (void)Y;
 }
 #endif
+
+/* out[r, c] = Gumbel noise of stream states[r] at token cols[c] (n rows, m columns): a speculative round's drafter
+ * needs its rows' noise on the draft vocabulary only. The same bits as tlt_seeded_gumbel_f32 at those tokens. */
+void tlt_seeded_gumbel_cols_f32(int64_t n, int64_t m, const uint64_t *states, const int64_t *cols, float *out) {
+#pragma omp parallel for schedule(static) if (n * m >= PAR_MIN)
+    for (int64_t r = 0; r < n; r++) {
+        const uint64_t st = states[r];
+        float *restrict o = out + r * m;
+#pragma omp simd
+        for (int64_t c = 0; c < m; c++)
+            o[c] = seeded_gumbel(st, cols[c]);
+    }
+}
