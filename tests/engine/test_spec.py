@@ -143,6 +143,41 @@ def test_requests_join_and_leave(base_engine, target_dir, drafter_dir):
     e.shutdown()
 
 
+@pytest.mark.parametrize("sp", [{"temperature": 0}, {"temperature": 1.0, "sampling_seed": 7, "n": 2}],
+                         ids=["greedy", "seeded-n2"])
+@pytest.mark.parametrize("cfg", [(3, 1, None), (4, 2, 6)], ids=["chain", "tree"])
+def test_catchup_window_bounds_the_catch_up_and_stays_lossless(base_engine, target_dir, drafter_dir, sp, cfg):
+    """speculative_catchup_window=2: each catch-up feeds the drafter at most the 2 newest pending positions of a
+    row (a 20-token prompt has 19), the drafter attends from there on; outputs are those of plain decoding."""
+    sp = dict(sp, max_new_tokens=24, ignore_eos=True)
+    ref = base_engine.generate(input_ids=PROMPTS, sampling_params=sp)
+    e = spec_engine(target_dir, drafter_dir, *cfg, speculative_catchup_window=2)
+    fed, starts = [], []
+    catch_up = e.spec.catch_up
+
+    def spy(seqs):
+        out = catch_up(seqs)
+        fed.append(max(s.draft_len for s in seqs))  # after the call: positions the drafter has passed
+        starts.extend(s.draft_start for s in seqs)
+        return out
+
+    forward = e.spec._drafter_forward
+    widths = []
+
+    def spy_forward(tokens, *a):
+        widths.append(tokens.shape[1])
+        return forward(tokens, *a)
+
+    e.spec.catch_up, e.spec._drafter_forward = spy, spy_forward
+    out = e.generate(input_ids=PROMPTS, sampling_params=sp)
+    assert [o["output_ids"] for o in out] == [o["output_ids"] for o in ref]
+    assert max(widths) <= max(2, cfg[1])  # catch-ups fed <= 2 positions; draft steps topk
+    assert max(starts) >= 18  # the 20-token prompt's first 17 pairs were skipped
+    e.shutdown()
+    with pytest.raises(ValueError, match="catchup_window"):
+        spec_engine(target_dir, drafter_dir, *cfg, speculative_catchup_window=0)
+
+
 def test_penalties_fall_back_exactly(base_engine, target_dir, drafter_dir):
     sp = {"temperature": 0, "max_new_tokens": 20, "repetition_penalty": 1.3, "ignore_eos": True}
     ref = base_engine.generate(input_ids=PROMPTS[:2], sampling_params=sp)

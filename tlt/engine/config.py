@@ -40,6 +40,10 @@ class EngineConfig:
     # the acceptance ratio (new / before) under which speculation is suspended until a new drafter.
     speculative_update_discount: float = 0.5
     speculative_collapse_ratio: float = 0.5
+    # The drafter's catch-up on tokens it has not seen (after plain rounds, a prefill or a drafter swap) feeds at
+    # most this many per sequence, the newest; older positions stay invisible to the drafter's attention (the
+    # target features it gets still carry them). None: all. Only draft quality depends on it, never an output.
+    speculative_catchup_window: int | None = 32
     round_log_size: int = 100_000  # decode rounds kept for `get_round_log`
     weight_version: str = "default"
     torch_num_threads: int | None = None  # CPU threads for torch; default: torch's choice
@@ -88,6 +92,8 @@ class EngineConfig:
             for a in self.speculative_arms or ():
                 parse_arm(a)
             SelectorConfig(self.speculative_selector, self.speculative_epsilon)
+        if self.speculative_catchup_window is not None and self.speculative_catchup_window < 1:
+            raise ValueError("speculative_catchup_window must be >= 1 (None: no window)")
         if not 0 <= self.speculative_update_discount <= 1 or not 0 <= self.speculative_collapse_ratio <= 1:
             raise ValueError("speculative_update_discount and speculative_collapse_ratio must be in [0, 1]")
         if self.random_seed is None:

@@ -147,7 +147,7 @@ class Engine:
         if drafter is not None:
             from tlt.engine.spec.worker import SpecWorker
 
-            self.spec = SpecWorker(model, drafter, self.kv)
+            self.spec = SpecWorker(model, drafter, self.kv, self.config.speculative_catchup_window)
             self.drafter_version = drafter.cfg.version
         self._drafter_sink: Callable[[dict], None] | None = None
         self._aux_layers = self.spec.aux_layers if self.spec is not None else ()
@@ -791,7 +791,7 @@ class Engine:
         self.spec.drafter = drafter
         self.drafter_version = version
         for s in self.scheduler.running:
-            s.draft_len = 0
+            s.draft_len = s.draft_start = 0
             s.pending_tokens = (s.prompt_ids + s.output_ids)[1: s.total_len]
             s.pending_aux = list(s.aux_hist)
         if self.selector is not None:
@@ -866,7 +866,7 @@ class Engine:
             if aux is not None:
                 L = len(g.prompt_ids)
                 for s in g.seqs:  # the drafter sees (token p+1, aux p) for every prompt position
-                    s.draft_len = 0
+                    s.draft_len = s.draft_start = 0
                     s.pending_tokens = list(g.prompt_ids[1:])
                     s.pending_aux = [aux[i, : L - 1]]
                     s.aux_hist = [aux[i, : L - 1]]  # siblings share the prompt's tensors

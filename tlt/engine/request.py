@@ -38,8 +38,10 @@ class Sequence:
     # hidden states at p) pairs it has not consumed yet. `aux_hist` keeps the aux states of every position
     # the target processed (chunks [k, 3H]): a new drafter version rebuilds its KV from them, and they are
     # the drafter's training data. `hidden_hist`: the target's last hidden states, kept only while a
-    # drafter-data sink is set (the training labels are computed from them).
+    # drafter-data sink is set (the training labels are computed from them). `draft_start`: the first position
+    # the drafter attends to (a windowed catch-up skipped the ones before).
     draft_len: int = 0
+    draft_start: int = 0
     pending_tokens: list[int] = field(default_factory=list)
     pending_aux: list = field(default_factory=list)
     aux_hist: list = field(default_factory=list)

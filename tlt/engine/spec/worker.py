@@ -70,8 +70,9 @@ class Coupling:
 class SpecWorker:
     """Drafting and verification around the target runner; sampling stays with the engine."""
 
-    def __init__(self, model: DecoderLM, drafter: EagleDrafter, kv):
+    def __init__(self, model: DecoderLM, drafter: EagleDrafter, kv, catchup_window: int | None = None):
         self.model = model
+        self.catchup_window = catchup_window
         self.drafter = drafter
         self.kv = kv
         self.layer = model.cfg.num_layers  # the drafter's first layer index in the KV cache
@@ -83,7 +84,19 @@ class SpecWorker:
     @torch.inference_mode()
     def catch_up(self, seqs) -> tuple[torch.Tensor, torch.Tensor]:
         """Feed each row's pending (token, target aux states) pairs; returns the last output feature [B, H]
-        and draft log-probabilities [B, Vd] at each row's newest position."""
+        and draft log-probabilities [B, Vd] at each row's newest position.
+
+        With a `catchup_window` W, a row with more than W pending pairs skips the older ones: the drafter's
+        attention starts at the first pair it is fed (`draft_start`), so a switch from plain decoding to
+        speculation costs at most W positions per row, not the whole backlog."""
+        W = self.catchup_window
+        for s in seqs:
+            skip = len(s.pending_tokens) - W if W is not None else 0
+            if skip > 0:
+                s.pending_aux = [torch.cat(s.pending_aux, 0)[skip:]]
+                s.pending_tokens = s.pending_tokens[skip:]
+                s.draft_len += skip
+                s.draft_start = s.draft_len
         B = len(seqs)
         m = [len(s.pending_tokens) for s in seqs]
         T = max(m)
@@ -97,12 +110,13 @@ class SpecWorker:
             aux[b, : m[b]] = torch.cat(s.pending_aux, 0)
         feats = self.drafter.fc(aux)
         start = torch.tensor([s.draft_len for s in seqs], device=dev)
+        first = torch.tensor([s.draft_start for s in seqs], device=dev).view(B, 1, 1)
         valid = torch.arange(T, device=dev).view(1, T) < torch.tensor(m, device=dev).view(B, 1)
         positions = start.view(B, 1) + torch.arange(T, device=dev).view(1, T)
         slots = torch.where(valid, positions, torch.full_like(positions, scratch))
         kv_len = int((start + torch.tensor(m, device=dev)).max())
         key = torch.arange(kv_len, device=dev).view(1, 1, kv_len)
-        mask = (key <= positions.view(B, T, 1)) | (~valid.view(B, T, 1) & (key == 0))
+        mask = ((key <= positions.view(B, T, 1)) & (key >= first)) | (~valid.view(B, T, 1) & (key == 0))
         h, logits = self._drafter_forward(tokens, feats, positions, slots, mask.unsqueeze(1), kv_len)
         last = torch.tensor([x - 1 for x in m], device=dev)
         rows = torch.arange(B, device=dev)
@@ -131,6 +145,7 @@ class SpecWorker:
         B, k, dev = len(seqs), cfg.topk, self.device
         d2t = self.drafter.d2t
         base = torch.tensor([s.draft_len for s in seqs], device=dev)  # drafter position of depth-1 nodes
+        first = torch.tensor([s.draft_start for s in seqs], device=dev).view(B, 1, 1)  # first visible position
         if coupling is not None:
             root_logp = coupling.perturb(root_logp, 0)
         top_lp, top_id = root_logp.topk(k, dim=-1)  # [B, k]
@@ -156,7 +171,7 @@ class SpecWorker:
             key = torch.arange(kv_len, device=dev).view(1, 1, kv_len)
             rel = key - base.view(B, 1, 1)
             tree = torch.gather(anc_all, 2, rel.clamp(0, S - 1).expand(B, k, kv_len)) & (rel >= 0) & (rel < S)
-            mask = ((key < base.view(B, 1, 1)) | tree).unsqueeze(1)
+            mask = (((key < base.view(B, 1, 1)) & (key >= first)) | tree).unsqueeze(1)
             h, logits = self._drafter_forward(tokens, front_h, positions, slots, mask, kv_len)
             logp = torch.log_softmax(logits, dim=-1)  # [B, k, Vd]
             if coupling is not None:  # children of depth step-1 nodes: the target samples them with noise step-1
