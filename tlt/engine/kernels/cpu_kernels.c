@@ -287,6 +287,11 @@ static inline float lane_sum(__m512 v) {
     return _mm_cvtss_f32(b);
 }
 
+/* The cache line at p in each of the 4 weight rows after a block (rows `stride` bytes apart). */
+static inline void prefetch_rows(const char *p, int64_t stride) {
+    for (int b = 0; b < 4; b++) _mm_prefetch(p + b * stride, _MM_HINT_T0);
+}
+
 /* NR rows of X (compile-time, 1..4) x 4 weight rows (`w[b]`; missing ones point at a valid row and their
  * results are dropped); `pf` weight rows after the block are prefetched. Fully unrolled, so that the 4 x NR
  * accumulators stay in registers. */
@@ -300,12 +305,7 @@ static inline float lane_sum(__m512 v) {
         for (; i + 16 <= I; i += 16) {                                                                            \
             __m512 wv[4];                                                                                         \
             _Pragma("GCC unroll 4") for (int b = 0; b < 4; b++) wv[b] = _mm512_loadu_ps(w[b] + i);               \
-            if (npf) {                                                                                            \
-                _mm_prefetch((const char *)(pf + i), _MM_HINT_T0);                                                \
-                _mm_prefetch((const char *)(pf + I + i), _MM_HINT_T0);                                            \
-                _mm_prefetch((const char *)(pf + 2 * I + i), _MM_HINT_T0);                                        \
-                _mm_prefetch((const char *)(pf + 3 * I + i), _MM_HINT_T0);                                        \
-            }                                                                                                     \
+            if (npf) prefetch_rows((const char *)(pf + i), I * (int64_t)sizeof(*pf));                            \
             _Pragma("GCC unroll 4") for (int a = 0; a < NR; a++) {                                               \
                 __m512 x = _mm512_loadu_ps(X + a * I + i);                                                        \
                 _Pragma("GCC unroll 4") for (int b = 0; b < 4; b++) acc[a][b] = _mm512_fmadd_ps(x, wv[b], acc[a][b]); \
@@ -385,12 +385,7 @@ void tlt_linear_f32(int64_t R, int64_t I, int64_t O, const float *X, const float
         for (; i + 32 <= I; i += 32) {                                                                            \
             __m512bh wv[4];                                                                                       \
             _Pragma("GCC unroll 4") for (int b = 0; b < 4; b++) wv[b] = (__m512bh)_mm512_loadu_si512(w[b] + i);  \
-            if (npf) {                                                                                            \
-                _mm_prefetch((const char *)(pf + i), _MM_HINT_T0);                                                \
-                _mm_prefetch((const char *)(pf + I + i), _MM_HINT_T0);                                            \
-                _mm_prefetch((const char *)(pf + 2 * I + i), _MM_HINT_T0);                                        \
-                _mm_prefetch((const char *)(pf + 3 * I + i), _MM_HINT_T0);                                        \
-            }                                                                                                     \
+            if (npf) prefetch_rows((const char *)(pf + i), I * (int64_t)sizeof(*pf));                            \
             _Pragma("GCC unroll 4") for (int a = 0; a < NR; a++) {                                               \
                 __m512bh x = (__m512bh)_mm512_loadu_si512(X + a * I + i);                                         \
                 _Pragma("GCC unroll 4") for (int b = 0; b < 4; b++) acc[a][b] = _mm512_dpbf16_ps(acc[a][b], x, wv[b]); \
