@@ -236,3 +236,20 @@ def test_linear_amx_rounds_the_float32_sum_once_and_rows_do_not_depend_on_each_o
         assert torch.equal(y[r : r + 1], kernels.linear_amx(x[r : r + 1].contiguous(), tiles, out, b))
     with pytest.raises(ValueError, match="tiles"):
         kernels.linear_amx(x, tiles, out + 16, b)
+
+
+@pytest.mark.skipif(not kernels.amx_available(), reason="CPU or OS without AMX")
+def test_linear_amx_and_onednn_interleave_on_the_same_threads():
+    """Both configure AMX tiles on torch's threads: alternating calls must not see each other's tile state."""
+    from tlt.engine.models.decoder import packed_linear
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(256, 576, generator=g).bfloat16()
+    packed, tiles = torch.ops.mkldnn._reorder_linear_weight(w), kernels.amx_pack(w)
+    many, few = torch.randn(64, 576, generator=g).bfloat16(), torch.randn(3, 576, generator=g).bfloat16()
+    ref_many, ref_few = packed_linear(many, packed), kernels.linear_amx(few, tiles, 256)
+    _assert_rounding_close(ref_few, F.linear(few.double(), w.double()).bfloat16())
+    for _ in range(3):
+        assert torch.equal(kernels.linear_amx(few, tiles, 256), ref_few)
+        assert torch.equal(packed_linear(many, packed), ref_many)
+    _assert_rounding_close(ref_many, F.linear(many.double(), w.double()).bfloat16())
