@@ -5,12 +5,12 @@
     tlt bench spec --json benchmarks/results/spec_decoding.json --drafter benchmarks/drafters/smollm2
 
 SmolLM2-135M (bfloat16 by default), one engine without speculation and one per speculative config
-(`--configs`, each STEPS,TOPK[,NUM_DRAFT_TOKENS]; default chain of 3, chain of 5, trees of depth 4 with
-topk 2 and 8 nodes and with topk 4 and 16 nodes), all loaded in this one process and reused across batch sizes. At each batch size B,
-max(B, --min-prompts) chat prompts run in batches of B, `--new-tokens` tokens each (ignore_eos); the
-same prompts for every config. Greedy, and T=1 with a per-prompt `sampling_seed` (seed + prompt index),
-so that every config samples the same way. Runs are interleaved (batch size, then mode, then config) so
-that machine noise hits all configs alike. One torch thread by default (`--threads`): on a shared
+(`--configs`, each STEPS,TOPK[,NUM_DRAFT_TOKENS]; default chain of 3, chain of 5, trees of depth 4 with topk 2
+and 8 nodes and with topk 4 and 16 nodes), all loaded in this one process and reused across batch sizes. At
+each batch size B, max(B, --min-prompts) chat prompts run in batches of B, `--new-tokens` tokens each
+(ignore_eos); the same prompts for every config. Greedy, and T=1 with a per-prompt `sampling_seed` (seed +
+prompt index), so that every config samples the same way. Runs are interleaved (batch size, then mode, then
+config) so that machine noise hits all configs alike. One torch thread by default (`--threads`): on a shared
 2-core machine two threads stall each other whenever another process holds a core.
 
 Reported per (mode, batch size, config): tokens/s, speedup over no speculation, the mean accept length
