@@ -253,3 +253,9 @@ def test_linear_amx_and_onednn_interleave_on_the_same_threads():
         assert torch.equal(kernels.linear_amx(few, tiles, 256), ref_few)
         assert torch.equal(packed_linear(many, packed), ref_many)
     _assert_rounding_close(ref_many, F.linear(many.double(), w.double()).bfloat16())
+
+
+@pytest.mark.skipif(not kernels.amx_available(), reason="CPU or OS without AMX")
+def test_linear_amx_of_no_rows():
+    w = torch.randn(20, 40).bfloat16()
+    assert kernels.linear_amx(torch.empty(0, 40, dtype=torch.bfloat16), kernels.amx_pack(w), 20).shape == (0, 20)

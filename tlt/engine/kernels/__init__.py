@@ -87,6 +87,7 @@ def _build() -> ctypes.CDLL | None:
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, None
     lib.tlt_amx_init.argtypes, lib.tlt_amx_init.restype = [], ctypes.c_int
+    lib.tlt_linear_amx.restype = ctypes.c_int
     lib.tlt_linear_bf16_supported.argtypes, lib.tlt_linear_bf16_supported.restype = [], ctypes.c_int
     return lib
 
@@ -289,6 +290,7 @@ def linear_amx(x: torch.Tensor, packed: torch.Tensor, out_features: int,
     if bias is not None and bias.shape != (out_features,):
         raise ValueError("linear_amx: one bias per output")
     out = torch.empty((x.shape[0], out_features), dtype=torch.bfloat16)
-    _lib.tlt_linear_amx(x.shape[0], x.shape[1], out_features, x.data_ptr(), packed.data_ptr(),
-                        None if bias is None else bias.data_ptr(), out.data_ptr())
+    if _lib.tlt_linear_amx(x.shape[0], x.shape[1], out_features, x.data_ptr(), packed.data_ptr(),
+                           None if bias is None else bias.data_ptr(), out.data_ptr()) != 0:
+        raise MemoryError("linear_amx: no memory for the padded rows")
     return out

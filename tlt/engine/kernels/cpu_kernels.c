@@ -467,9 +467,12 @@ int tlt_amx_init(void) {
     return (bitmask & (1ul << 18)) != 0;
 }
 
-void tlt_linear_amx(int64_t R, int64_t I, int64_t O, const bf16 *X, const bf16 *P, const bf16 *bias, bf16 *Y) {
+/* Returns 0, or -1 when the padded copy of X could not be allocated (nothing written). */
+int tlt_linear_amx(int64_t R, int64_t I, int64_t O, const bf16 *X, const bf16 *P, const bf16 *bias, bf16 *Y) {
     const int64_t KB = (I + 31) / 32, NB = (O + 15) / 16, RB = (R + 15) / 16, Ip = KB * 32;
+    if (R == 0 || O == 0) return 0;
     bf16 *Xp = aligned_alloc(64, (size_t)(RB * 16 * Ip) * sizeof(bf16));
+    if (Xp == NULL) return -1;
     memset(Xp, 0, (size_t)(RB * 16 * Ip) * sizeof(bf16));
     for (int64_t r = 0; r < R; r++) memcpy(Xp + r * Ip, X + r * I, (size_t)I * sizeof(bf16));
 #pragma omp parallel if (O * I >= PAR_MIN)
@@ -535,12 +538,14 @@ void tlt_linear_amx(int64_t R, int64_t I, int64_t O, const bf16 *X, const bf16 *
         _tile_release();
     }
     free(Xp);
+    return 0;
 }
 #else
 int tlt_amx_init(void) { return 0; }
 
-void tlt_linear_amx(int64_t R, int64_t I, int64_t O, const bf16 *X, const bf16 *P, const bf16 *bias, bf16 *Y) {
+int tlt_linear_amx(int64_t R, int64_t I, int64_t O, const bf16 *X, const bf16 *P, const bf16 *bias, bf16 *Y) {
     (void)R, (void)I, (void)O, (void)X, (void)P, (void)bias, (void)Y;
+    return -1;
 }
 #endif
 
