@@ -259,3 +259,76 @@ def test_linear_amx_and_onednn_interleave_on_the_same_threads():
 def test_linear_amx_of_no_rows():
     w = torch.randn(20, 40).bfloat16()
     assert kernels.linear_amx(torch.empty(0, 40, dtype=torch.bfloat16), kernels.amx_pack(w), 20).shape == (0, 20)
+
+
+def _attention_reference(q, kc, vc, row_start, kv_len, mask):
+    """float32 SDPA on the same bf16 values: [B, T, heads, D]."""
+    B = q.shape[0]
+    k = kc[row_start : row_start + B, :, :kv_len].float()
+    v = vc[row_start : row_start + B, :, :kv_len].float()
+    m = None if mask is None else mask[:, None]
+    out = F.scaled_dot_product_attention(q.float().transpose(1, 2), k, v, attn_mask=m, enable_gqa=True)
+    return out.transpose(1, 2)
+
+
+_ATTN_CASES = [  # B, T, heads, kv_heads, D, max_len, kv_len, row_start
+    (3, 1, 9, 3, 64, 200, 150, 1),  # SmolLM2's heads, a decode pass
+    (2, 8, 9, 3, 64, 300, 299, 0),  # a verify pass
+    (1, 17, 4, 4, 128, 50, 37, 2),  # more than 16 query vectors per (sequence, kv head); no GQA
+    (4, 1, 8, 2, 32, 40, 33, 0),  # keys not a multiple of 16
+]
+
+
+@pytest.mark.skipif(not kernels.attention_available(64), reason="CPU without AVX512-BF16")
+@pytest.mark.parametrize("amx", [False, True])
+@pytest.mark.parametrize("case", _ATTN_CASES)
+def test_attention_matches_float32_sdpa_and_each_query_is_independent(case, amx):
+    if amx and not kernels.amx_available():
+        pytest.skip("CPU or OS without AMX")
+    B, T, nh, kvh, d, max_len, kv_len, rs = case
+    g = torch.Generator().manual_seed(sum(case))
+    kc = torch.randn(rs + B + 1, kvh, max_len, d, generator=g).bfloat16()
+    vc = torch.randn(kc.shape, generator=g).bfloat16()
+    q = torch.randn(B, T, nh, d, generator=g).bfloat16()
+    lens = torch.randint(1, kv_len + 1, (B,), generator=g)
+    lens[0] = kv_len
+    mask = (torch.arange(kv_len).view(1, 1, kv_len) < lens.view(B, 1, 1)).expand(B, T, kv_len)
+    mask = mask & (torch.rand(B, T, kv_len, generator=g) < 0.8)  # holes, as a tree mask has
+    mask[:, :, 0] = True
+    for m in (None, mask):
+        out = kernels.attention(q, kc, vc, rs, kv_len, m, amx=amx)
+        ref = _attention_reference(q, kc, vc, rs, kv_len, m)
+        assert out.shape == q.shape and out.dtype == torch.bfloat16
+        # bf16 output of float32 sums: within a few bf16 steps of the float32 reference
+        assert (out.float() - ref).abs().max() <= 0.02 * ref.abs().max()
+    full = kernels.attention(q, kc, vc, rs, kv_len, mask, amx=amx)
+    for b in range(B):
+        for t in range(T):  # alone, as in a decode pass of one sequence: the same bits
+            one = kernels.attention(q[b : b + 1, t : t + 1].contiguous(), kc, vc, rs + b, kv_len,
+                                    mask[b : b + 1, t : t + 1].contiguous(), amx=amx)
+            assert torch.equal(one[0, 0], full[b, t])
+    # keys past the last visible one are never read: NaN there changes nothing
+    kc2, vc2 = kc.clone(), vc.clone()
+    for b in range(B):
+        kc2[rs + b, :, int(lens[b]):] = float("nan")
+        vc2[rs + b, :, int(lens[b]):] = float("nan")
+    assert torch.equal(kernels.attention(q, kc2, vc2, rs, kv_len, mask, amx=amx), full)
+
+
+@pytest.mark.skipif(not kernels.attention_available(64), reason="CPU without AVX512-BF16")
+def test_attention_of_nothing_visible_is_zero_and_bad_input_is_refused():
+    kc = torch.randn(2, 1, 32, 64).bfloat16()
+    q = torch.randn(2, 1, 2, 64).bfloat16()
+    mask = torch.ones(2, 1, 20, dtype=torch.bool)
+    mask[1] = False
+    out = kernels.attention(q, kc, kc, 0, 20, mask)
+    assert torch.equal(out[1], torch.zeros_like(out[1])) and out[0].abs().sum() > 0
+    with pytest.raises(ValueError):
+        kernels.attention(q, kc, kc, 1, 20, mask)  # rows past the cache
+    with pytest.raises(ValueError):
+        kernels.attention(q, kc, kc, 0, 40, None)  # more keys than slots
+    with pytest.raises(ValueError):
+        kernels.attention(q, kc, kc, 0, 20, mask.float())
+    with pytest.raises(RuntimeError):
+        kernels.attention(torch.randn(2, 1, 2, 48).bfloat16(), kc[..., :48].contiguous(), kc[..., :48].contiguous(), 0,
+                          20, None)  # a head size it does not take

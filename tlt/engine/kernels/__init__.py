@@ -6,7 +6,9 @@ rotary + KV-cache write, SiLU x up) cut that to a handful of calls per layer. Th
 row-parallel argmax, and seeded Gumbel noise (materialised, or fused into the argmax of a Gumbel-max draw)
 written so that the numpy fallback in sampling.py gives the same bits: no sample depends on whether a
 compiler was there. And one float32 linear for a few rows (decode and verify passes), which reads each
-weight row once for all rows where torch's float32 GEMM is ~1.7x slower at 4-16 rows than at one.
+weight row once for all rows where torch's float32 GEMM is ~1.7x slower at 4-16 rows than at one. Bfloat16 few-row
+linears (AVX512-BF16, AMX) likewise, and the attention of decode and verify passes over the KV cache (`attention`),
+which torch's flash kernel reads at a fraction of the memory's speed when each sequence has one query.
 
 The C file is compiled with the system C compiler into a per-user cache the first time it is needed
 (~0.3 s) and loaded with ctypes: no torch headers, no build step at install time. Without a compiler,
@@ -50,6 +52,8 @@ _SIGNATURES = {
     "tlt_linear_bf16": [_i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr],
     "tlt_linear_amx": [_i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr],
     "tlt_seeded_gumbel_cols_f32": [_i64, _i64, _ptr, _ptr, _ptr],
+    "tlt_attention_bf16": [_i64, _i64, _i64, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _i64, _ptr, _f32, ctypes.c_int,
+                           _ptr],
 }
 
 
@@ -89,6 +93,8 @@ def _build() -> ctypes.CDLL | None:
     lib.tlt_amx_init.argtypes, lib.tlt_amx_init.restype = [], ctypes.c_int
     lib.tlt_linear_amx.restype = ctypes.c_int
     lib.tlt_linear_bf16_supported.argtypes, lib.tlt_linear_bf16_supported.restype = [], ctypes.c_int
+    lib.tlt_attention_supported.argtypes, lib.tlt_attention_supported.restype = [], ctypes.c_int
+    lib.tlt_attention_bf16.restype = ctypes.c_int
     return lib
 
 
@@ -293,4 +299,45 @@ def linear_amx(x: torch.Tensor, packed: torch.Tensor, out_features: int,
     if _lib.tlt_linear_amx(x.shape[0], x.shape[1], out_features, x.data_ptr(), packed.data_ptr(),
                            None if bias is None else bias.data_ptr(), out.data_ptr()) != 0:
         raise MemoryError("linear_amx: no memory for the padded rows")
+    return out
+
+
+ATTENTION_HEAD_DIMS = (32, 64, 128, 256)
+
+
+def attention_available(head_dim: int) -> bool:
+    """True when `attention` runs here (AVX512-BF16) for this head size."""
+    return head_dim in ATTENTION_HEAD_DIMS and available() and bool(_lib.tlt_attention_supported())
+
+
+def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, row_start: int, kv_len: int,
+              mask: torch.Tensor | None, scale: float | None = None, amx: bool | None = None) -> torch.Tensor:
+    """Attention of few queries per sequence over the KV cache (decode and verify passes; see
+    tlt_attention_bf16): q [B, T, heads, D] bf16, caches [rows, kv_heads, max_len, D] bf16, sequence b in cache row
+    row_start + b, keys at slots < kv_len where the bool mask [B, T, kv_len] is True (None: all) -> [B, T, heads, D].
+    Each query's result is independent of the batch and of T. Scores on AMX where the CPU has it (`amx`: None),
+    else (or with amx=False) by AVX512-BF16 dot products: the two round differently."""
+    B, T, nh, d = q.shape
+    R, kvh, max_len, dk = k_cache.shape
+    if not attention_available(d):
+        raise RuntimeError(f"the attention kernel needs the C kernels on a CPU with AVX512-BF16 and head_dim in "
+                           f"{ATTENTION_HEAD_DIMS}")
+    _check(q, k_cache, v_cache)
+    fits = 0 <= row_start <= R - B and 0 < kv_len <= max_len
+    if v_cache.shape != k_cache.shape or dk != d or nh % kvh or not fits:
+        raise ValueError(f"attention: q {tuple(q.shape)}, cache {tuple(k_cache.shape)}, rows from {row_start}, "
+                         f"kv_len {kv_len} do not fit")
+    if mask is not None:
+        if mask.dtype != torch.bool or mask.shape != (B, T, kv_len):
+            raise ValueError(f"attention: mask must be bool [B, T, kv_len] = {(B, T, kv_len)}")
+        mask = mask.contiguous()
+    out = torch.empty_like(q)
+    use_amx = amx_available() if amx is None else amx and amx_available()
+    rc = _lib.tlt_attention_bf16(B, T, nh, kvh, d, max_len, kv_len, q.data_ptr(), k_cache.data_ptr(),
+                                 v_cache.data_ptr(), row_start, None if mask is None else mask.data_ptr(),
+                                 d ** -0.5 if scale is None else scale, int(use_amx), out.data_ptr())
+    if rc == -1:
+        raise MemoryError("attention: no memory for the scores")
+    if rc != 0:
+        raise ValueError("attention: shapes the kernel does not take")
     return out

@@ -561,3 +561,290 @@ void tlt_seeded_gumbel_cols_f32(int64_t n, int64_t m, const uint64_t *states, co
             o[c] = seeded_gumbel(st, cols[c]);
     }
 }
+
+/* ---------------------------------------------------------------- attention of few queries over the KV cache
+ * out[n, h] = sum_j softmax_j(scale * q[n, h] . K[j]) V[j], for query n = b * T + t of sequence b (cache row
+ * row0 + b, kv head h / (nh / kvh)) over the slots j < kv_len that mask[b, t, j] lets it see (mask NULL: all);
+ * q and out [B * T, nh, d], caches [rows, kvh, L, d], bf16 in and out, float32 inside.
+ *
+ * Why: in a decode step of a large batch, attention reads every sequence's K and V once and does little
+ * arithmetic, so it should run at the memory's speed; torch's flash kernel (built for long query blocks) reads
+ * them at 5-9 GB/s for one query per sequence (SmolLM2, batch 64). Here one task is a (sequence, kv head):
+ * its K and V are read from memory once, by the first of the G query heads that share them (GQA) and from cache
+ * by the others; scores by AVX512-BF16 dot products, 16 keys at a time; a key range ends at the last visible
+ * slot, so padding costs nothing.
+ *
+ * Each query's result depends only on its own q, mask row and keys, summed in one fixed order: a decode pass
+ * (T = 1) and a verify pass (T > 1) compute bit-identical attention for the same query and keys.
+ * d: 32, 64, 128 or 256. Returns 0; -1 when scratch memory could not be allocated; -2 for shapes it does not take. */
+#if defined(__AVX512BF16__)
+/* e[i] = sum of the 16 lanes of a[i], in one fixed order (pairs of lanes, then 128-bit lanes). */
+static inline __m512 lane_sums16(const __m512 *a) {
+    __m512 b[8], c[4];
+    for (int i = 0; i < 8; i++)
+        b[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+    for (int i = 0; i < 4; i++) {
+        __m512d x = _mm512_castps_pd(b[2 * i]), y = _mm512_castps_pd(b[2 * i + 1]);
+        c[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+    }
+    __m512 d0 = _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88), _mm512_shuffle_f32x4(c[0], c[1], 0xDD));
+    __m512 d1 = _mm512_add_ps(_mm512_shuffle_f32x4(c[2], c[3], 0x88), _mm512_shuffle_f32x4(c[2], c[3], 0xDD));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(d0, d1, 0x88), _mm512_shuffle_f32x4(d0, d1, 0xDD));
+}
+
+#define PF_BLOCKS 4
+/* Prefetch the 16 keys' K (to L1) and V (to L2) from slot j on, if below end. */
+static inline void prefetch_kv(const bf16 *K, const bf16 *V, int64_t d, int64_t j, int64_t end) {
+    if (j >= end) return;
+    const char *k = (const char *)(K + j * d), *v = (const char *)(V + j * d);
+    const int64_t n = (end - j < 16 ? end - j : 16) * d * (int64_t)sizeof(bf16);
+    for (int64_t c = 0; c < n; c += 64) {
+        _mm_prefetch(k + c, _MM_HINT_T0);
+        _mm_prefetch(v + c, _MM_HINT_T1);
+    }
+}
+
+/* Scores of keys j0 .. j0 + nb - 1 (nb <= 16) into s[j0 ..]: scaled, -inf where the mask row hides the key. */
+static inline void store_scores(float *s, int64_t j0, int64_t nb, __m512 dots, __m512 vscale, const uint8_t *mrow) {
+    const __mmask16 lanes = (__mmask16)(nb == 16 ? 0xffffu : (1u << nb) - 1u);
+    __mmask16 vis = lanes;
+    if (mrow) vis &= _mm_test_epi8_mask(_mm_maskz_loadu_epi8(lanes, mrow + j0), _mm_set1_epi8(1));
+    _mm512_mask_storeu_ps(s + j0, lanes, _mm512_mask_blend_ps(vis, _mm512_set1_ps(-INFINITY), _mm512_mul_ps(dots, vscale)));
+}
+
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__) && defined(__linux__)
+#define ATTENTION_AMX 1
+/* Scores of query vectors v0 .. v0 + nq - 1 (nq <= 16) on AMX: a tile of 16 keys (rows of K as they lie in the
+ * cache, 32 dimensions per tile) times a tile of the queries (pair-interleaved, zero-padded to 16 columns); each
+ * score depends only on its own key row and query column. Tiles: 0 sums, 1 keys, 2 queries (configured 16 x 64 B
+ * by the caller). */
+static void amx_scores(int64_t d, int64_t G, int64_t nh, int64_t v0, int64_t nq, const bf16 *qb, const bf16 *K,
+                       const bf16 *V, const int64_t *ends, const uint8_t *mb, int64_t kv_len, float scale, float *S, int64_t E) {
+    uint32_t Bq[8 * 256] __attribute__((aligned(64)));
+    bf16 Kt[16 * 256] __attribute__((aligned(64)));
+    float Cb[256] __attribute__((aligned(64)));
+    const int64_t chunks = d / 32;
+    for (int64_t c = 0; c < chunks; c++)
+        for (int p = 0; p < 16; p++)
+            for (int n = 0; n < 16; n++) {
+                uint32_t w = 0;
+                if (n < nq) {
+                    const int64_t v = v0 + n;
+                    memcpy(&w, qb + ((v / G) * nh + v % G) * d + 32 * c + 2 * p, 4);
+                }
+                Bq[c * 256 + p * 16 + n] = w;
+            }
+    int64_t Eg = 0;
+    for (int64_t n = 0; n < nq; n++) Eg = ends[(v0 + n) / G] > Eg ? ends[(v0 + n) / G] : Eg;
+    const __m512 vscale = _mm512_set1_ps(scale);
+    const __m512i col = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                           _mm512_set1_epi32(16));
+    for (int64_t j0 = 0; j0 < Eg; j0 += 16) {
+        const int64_t nb = Eg - j0 < 16 ? Eg - j0 : 16;
+        const bf16 *kp = K + j0 * d;
+        if (nb < 16) { /* the last keys: copied so that the tile does not read past the cache */
+            memset(Kt, 0, sizeof(bf16) * (size_t)(16 * d));
+            memcpy(Kt, kp, sizeof(bf16) * (size_t)(nb * d));
+            kp = Kt;
+        }
+        if (v0 == 0) prefetch_kv(K, V, d, j0 + PF_BLOCKS * 16, Eg);
+        _tile_zero(0);
+        for (int64_t c = 0; c < chunks; c++) {
+            _tile_loadd(1, kp + 32 * c, d * (int64_t)sizeof(bf16));
+            _tile_loadd(2, Bq + c * 256, 64);
+            _tile_dpbf16ps(0, 1, 2);
+        }
+        _tile_stored(0, Cb, 64);
+        for (int64_t n = 0; n < nq; n++) {
+            const int64_t v = v0 + n, t = v / G, end = ends[t];
+            if (j0 >= end) continue;
+            store_scores(S + v * E, j0, end - j0 < nb ? end - j0 : nb,
+                         _mm512_i32gather_ps(_mm512_add_epi32(col, _mm512_set1_epi32((int)n)), Cb, 4), vscale,
+                         mb ? mb + t * kv_len : NULL);
+        }
+    }
+}
+#endif
+
+/* The last visible slot + 1 of a mask row (0: none visible). */
+static inline int64_t visible_end(const uint8_t *m, int64_t kv_len) {
+    if (!m) return kv_len;
+    int64_t e = kv_len;
+    while (e > 0 && !m[e - 1]) e--;
+    return e;
+}
+
+/* One (sequence, kv head) task: the G query heads of each of the T queries (QV = T * G query vectors).
+ * DW = d / 16 (a constant at each call site, so that the accumulators stay in registers).
+ * S: QV x E floats (scores, then probabilities); Vf: 16 x d floats; acc: d floats. */
+static inline __attribute__((always_inline)) void attention_task(
+    const int DW, int use_amx, int64_t T, int64_t G, int64_t nh, int64_t kv_len, const bf16 *qb, const bf16 *K,
+    const bf16 *V, const uint8_t *mb, float scale, bf16 *ob, float *S, float *Vf, const int64_t *ends, int64_t E) {
+    const int64_t d = DW * 16, QV = T * G;
+    const __m512 neg_inf = _mm512_set1_ps(-INFINITY), vscale = _mm512_set1_ps(scale);
+    /* K and V are read from memory once per task, in 16-key blocks: ask for them PF_BLOCKS blocks ahead (the
+     * hardware's prefetcher stops at every 4 KB page, and a task's K is only a few pages) */
+    for (int64_t j = 0; j < PF_BLOCKS * 16 && j < E; j++)
+        for (int64_t c = 0; c < d * (int64_t)sizeof(bf16); c += 64) {
+            _mm_prefetch((const char *)(K + j * d) + c, _MM_HINT_T0);
+            _mm_prefetch((const char *)(V + j * d) + c, _MM_HINT_T1);
+        }
+    /* scores: AMX, 16 query vectors at a time, or AVX512-BF16 dot products, one query vector at a time */
+#ifdef ATTENTION_AMX
+    if (use_amx)
+        for (int64_t v0 = 0; v0 < QV; v0 += 16)
+            amx_scores(d, G, nh, v0, QV - v0 < 16 ? QV - v0 : 16, qb, K, V, ends, mb, kv_len, scale, S, E);
+#endif
+    for (int64_t v = 0; v < QV && !use_amx; v++) {
+        const int64_t t = v / G, h = v % G, end = ends[t];
+        const bf16 *qp = qb + (t * nh + h) * d;
+        __m512bh qv[8];
+        for (int c = 0; c < DW / 2; c++) qv[c] = (__m512bh)_mm512_loadu_si512(qp + 32 * c);
+        for (int64_t j0 = 0; j0 < end; j0 += 16) {
+            const int64_t nb = end - j0 < 16 ? end - j0 : 16;
+            if (v == 0) prefetch_kv(K, V, d, j0 + PF_BLOCKS * 16, end);
+            __m512 a[16];
+            for (int i = 0; i < 16; i++) {
+                __m512 acc = _mm512_setzero_ps();
+                if (i < nb)
+                    for (int c = 0; c < DW / 2; c++)
+                        acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(K + (j0 + i) * d + 32 * c), qv[c]);
+                a[i] = acc;
+            }
+            store_scores(S + v * E, j0, nb, lane_sums16(a), vscale, mb ? mb + t * kv_len : NULL);
+        }
+    }
+    for (int64_t v = 0; v < QV; v++) {
+        const int64_t end = ends[v / G];
+        float *s = S + v * E;
+        /* softmax: max, exp, sum, each in a fixed order */
+        __m512 mx = neg_inf;
+        int64_t j = 0;
+        for (; j + 16 <= end; j += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(s + j));
+        float m = _mm512_reduce_max_ps(mx); /* max is exact in any order */
+        for (; j < end; j++) m = s[j] > m ? s[j] : m;
+        if (m == -INFINITY) { /* nothing visible: zeros */
+            for (j = 0; j < end; j++) s[j] = 0.0f;
+            continue;
+        }
+#pragma omp simd
+        for (j = 0; j < end; j++) s[j] = s[j] == -INFINITY ? 0.0f : exp_approx(s[j] - m);
+        __m512 sum = _mm512_setzero_ps();
+        for (j = 0; j + 16 <= end; j += 16) sum = _mm512_add_ps(sum, _mm512_loadu_ps(s + j));
+        if (j < end) sum = _mm512_add_ps(sum, _mm512_maskz_loadu_ps((__mmask16)((1u << (end - j)) - 1u), s + j));
+        const float inv = 1.0f / lane_sum(sum);
+        for (j = 0; j < end; j++) s[j] *= inv;
+    }
+    /* out = P V: V converted to float32 16 keys at a time, then used by every query vector; the query heads of
+     * one query go QC at a time (QC x DW accumulators in registers, four independent FMA chains or more). */
+    const int QC = DW >= 16 ? 1 : 16 / DW;
+    float *acc = Vf + 16 * d;
+    memset(acc, 0, sizeof(float) * (size_t)(QV * d));
+    for (int64_t j0 = 0; j0 < E; j0 += 16) {
+        const int64_t nb = E - j0 < 16 ? E - j0 : 16;
+        for (int64_t i = 0; i < nb; i++)
+            for (int c = 0; c < DW; c++) {
+                __m256i raw = _mm256_loadu_si256((const __m256i *)(V + (j0 + i) * d + 16 * c));
+                _mm512_storeu_ps(Vf + i * d + 16 * c, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16)));
+            }
+        for (int64_t t = 0; t < T; t++) {
+            if (j0 >= ends[t]) continue;
+            const int64_t n = ends[t] - j0 < nb ? ends[t] - j0 : nb;
+            for (int64_t h0 = 0; h0 < G; h0 += QC) {
+                const int64_t v0 = t * G + h0, nq = G - h0 < QC ? G - h0 : QC;
+                __m512 o[16];
+                for (int e = 0; e < QC; e++)
+                    for (int c = 0; c < DW; c++)
+                        o[e * DW + c] = e < nq ? _mm512_loadu_ps(acc + (v0 + e) * d + 16 * c) : _mm512_setzero_ps();
+                for (int64_t i = 0; i < n; i++) {
+                    for (int e = 0; e < QC; e++) {
+                        if (e >= nq) break;
+                        const __m512 pi = _mm512_set1_ps(S[(v0 + e) * E + j0 + i]);
+                        for (int c = 0; c < DW; c++)
+                            o[e * DW + c] = _mm512_fmadd_ps(pi, _mm512_loadu_ps(Vf + i * d + 16 * c), o[e * DW + c]);
+                    }
+                }
+                for (int e = 0; e < QC; e++)
+                    if (e < nq)
+                        for (int c = 0; c < DW; c++) _mm512_storeu_ps(acc + (v0 + e) * d + 16 * c, o[e * DW + c]);
+            }
+        }
+    }
+    for (int64_t v = 0; v < QV; v++) {
+        bf16 *op = ob + ((v / G) * nh + v % G) * d;
+        for (int64_t c = 0; c < d; c++) op[c] = f2bf(acc[v * d + c]);
+    }
+}
+
+int tlt_attention_supported(void) { return 1; }
+
+int tlt_attention_bf16(int64_t B, int64_t T, int64_t nh, int64_t kvh, int64_t d, int64_t L, int64_t kv_len,
+                       const bf16 *q, const bf16 *kc, const bf16 *vc, int64_t row0, const uint8_t *mask, float scale,
+                       int use_amx, bf16 *out) {
+#ifndef ATTENTION_AMX
+    use_amx = 0;
+#endif
+    if ((d != 32 && d != 64 && d != 128 && d != 256) || nh % kvh || kv_len > L) return -2;
+    const int64_t G = nh / kvh, tasks = B * kvh;
+    int failed = 0;
+#pragma omp parallel if (tasks > 1 && B * T * nh * kv_len * d >= PAR_MIN)
+    {
+        int64_t E_max = 0;
+        float *buf = malloc(sizeof(float) * (size_t)(T * G * kv_len + 16 * d + T * G * d));
+        int64_t *ends = malloc(sizeof(int64_t) * (size_t)T);
+        if (!buf || !ends) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#ifdef ATTENTION_AMX
+        if (use_amx) {
+            amx_tilecfg cfg;
+            memset(&cfg, 0, sizeof(cfg));
+            cfg.palette_id = 1;
+            for (int t = 0; t < 3; t++) {
+                cfg.rows[t] = 16;
+                cfg.colsb[t] = 64;
+            }
+            _tile_loadconfig(&cfg);
+        }
+#endif
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t task = 0; task < tasks; task++) {
+            if (!buf || !ends) continue;
+            const int64_t b = task / kvh, g = task % kvh;
+            const uint8_t *mb = mask ? mask + b * T * kv_len : NULL;
+            E_max = 0;
+            for (int64_t t = 0; t < T; t++) {
+                ends[t] = visible_end(mb ? mb + t * kv_len : NULL, kv_len);
+                E_max = ends[t] > E_max ? ends[t] : E_max;
+            }
+            const bf16 *qb = q + (b * T * nh + g * G) * d, *K = kc + ((row0 + b) * kvh + g) * L * d,
+                       *V = vc + ((row0 + b) * kvh + g) * L * d;
+            bf16 *ob = out + (b * T * nh + g * G) * d;
+            float *S = buf, *Vf = buf + T * G * E_max;
+            switch (d / 16) {
+            case 2: attention_task(2, use_amx, T, G, nh, kv_len, qb, K, V, mb, scale, ob, S, Vf, ends, E_max); break;
+            case 4: attention_task(4, use_amx, T, G, nh, kv_len, qb, K, V, mb, scale, ob, S, Vf, ends, E_max); break;
+            case 8: attention_task(8, use_amx, T, G, nh, kv_len, qb, K, V, mb, scale, ob, S, Vf, ends, E_max); break;
+            default: attention_task(16, use_amx, T, G, nh, kv_len, qb, K, V, mb, scale, ob, S, Vf, ends, E_max); break;
+            }
+        }
+#ifdef ATTENTION_AMX
+        if (use_amx) _tile_release();
+#endif
+        free(buf);
+        free(ends);
+    }
+    return failed ? -1 : 0;
+}
+#else
+int tlt_attention_supported(void) { return 0; }
+
+int tlt_attention_bf16(int64_t B, int64_t T, int64_t nh, int64_t kvh, int64_t d, int64_t L, int64_t kv_len,
+                       const bf16 *q, const bf16 *kc, const bf16 *vc, int64_t row0, const uint8_t *mask, float scale,
+                       int use_amx, bf16 *out) {
+    (void)use_amx, (void)B, (void)T, (void)nh, (void)kvh, (void)d, (void)L, (void)kv_len, (void)q, (void)kc, (void)vc, (void)row0;
+    (void)mask, (void)scale, (void)out;
+    return -1;
+}
+#endif
