@@ -11,6 +11,7 @@ import torch
 from tiny_models import make_tiny_checkpoint
 
 import tlt
+from tlt.engine.models.decoder import batch_invariant_supported
 from tlt.engine.spec.drafter import EagleDrafter
 from tlt.engine.spec.tree import DraftTree, ancestor_matrix, select_tree, tree_attention_mask
 
@@ -422,3 +423,48 @@ def test_smollm2_with_its_trained_drafter_is_token_identical(smol_engine, cfg):
         assert st["spec_accepted_tokens"] / st["spec_verify_rounds"] > 0.5  # the drafter is really accepted
     finally:
         e.shutdown()
+
+
+@pytest.fixture(scope="module")
+def bf16_target_dir(tmp_path_factory, smol_tokenizer_dir):
+    """A tiny llama whose head size the attention kernel takes (32), for bfloat16 runs."""
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("llama_hd32"), "llama", smol_tokenizer_dir, seed=4,
+                                hidden_size=512, intermediate_size=1024, num_attention_heads=8, head_dim=64)
+
+
+@pytest.mark.skipif(not batch_invariant_supported(torch.bfloat16, torch.device("cpu"), 32),
+                    reason="batch-invariant bf16 kernels need AVX512-BF16 and the C kernels")
+@pytest.mark.parametrize("sp", [{"temperature": 0}, {"temperature": 1.0, "sampling_seed": 11, "n": 3}],
+                         ids=["greedy", "seeded-n3"])
+@pytest.mark.parametrize("topk", [1, 2])
+def test_bf16_deterministic_inference_token_and_bit_identical(bf16_target_dir, tmp_path, sp, topk):
+    """enable_deterministic_inference: in bfloat16, speculative decoding (accepted paths of every length, tree
+    nodes away from their decode-time slots) emits the tokens and the very logprob bits of plain decoding.
+    Without it the same run need not (different kernels by row count, SDPA)."""
+    steps = 4
+    sp = dict(sp, max_new_tokens=30, ignore_eos=True)
+    kw = dict(dtype="bfloat16", random_seed=0, enable_deterministic_inference=True)
+    base = tlt.Engine(bf16_target_dir, **kw)
+    assert base.model.batch_invariant and base.model.head_packed is None
+    ref = base.generate(input_ids=PROMPTS, sampling_params=sp, return_logprob=True)
+    n = sp.get("n", 1)
+    refs = {tuple(p): [ref[i * n + j]["output_ids"] for j in range(n)] for i, p in enumerate(PROMPTS)}
+    d = str(tmp_path / "drafter")
+    EagleDrafter.random(base.model_config, seed=1, draft_vocab_size=4096).save(d)
+    e = tlt.Engine(bf16_target_dir, speculative_draft_model_path=d, speculative_num_steps=steps,
+                   speculative_eagle_topk=topk, speculative_num_draft_tokens=1 + steps * topk, **kw)
+    e.spec.draft = OracleDraft(e.spec, refs, steps, topk)
+    out = e.generate(input_ids=PROMPTS, sampling_params=sp, return_logprob=True)
+    assert [o["output_ids"] for o in out] == [o["output_ids"] for o in ref]
+    assert [_lps(o) for o in out] == [_lps(o) for o in ref]
+    hist = [sum(c) for c in zip(*(o["meta_info"]["spec_accept_histogram"] for o in out))]
+    assert all(c > 0 for c in hist[1:]), hist
+    e.shutdown()
+    base.shutdown()
+
+
+def test_deterministic_inference_is_refused_where_it_cannot_hold(target_dir):
+    with pytest.raises(ValueError, match="enable_deterministic_inference"):
+        tlt.Engine(target_dir, dtype="float32", enable_deterministic_inference=True)
+    with pytest.raises(ValueError, match="enable_deterministic_inference"):  # head size 16: no attention kernel
+        tlt.Engine(target_dir, dtype="bfloat16", enable_deterministic_inference=True)

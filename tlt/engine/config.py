@@ -24,6 +24,10 @@ class EngineConfig:
     max_running_requests: int = 256  # sequences decoded together at most
     max_prefill_tokens: int = 8192  # padded tokens in one prefill batch (one longer prompt runs alone)
     random_seed: int | None = None
+    # Batch-invariant kernels (SGLang's name): a token's logits do not depend on the other rows of its pass nor on
+    # the pass's kind, so bfloat16 speculative decoding emits exactly the tokens plain decoding emits (float32 gets
+    # that from its precision). bfloat16 on a CPU with AVX512-BF16 only; elsewhere a clear error.
+    enable_deterministic_inference: bool = False
     # Speculative decoding (SGLang's names). algorithm: None or "EAGLE" (EAGLE3 accepted as a synonym).
     speculative_algorithm: str | None = None
     speculative_draft_model_path: str | None = None  # a drafter folder (tlt train-drafter)

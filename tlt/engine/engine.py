@@ -25,11 +25,11 @@ from typing import Any
 
 import torch
 
-from tlt.engine import weight_sync
+from tlt.engine import kernels, weight_sync
 from tlt.engine.config import EngineConfig
 from tlt.engine.detokenize import Detokenizer
 from tlt.engine.kv_cache import KVCache
-from tlt.engine.models.decoder import DecoderLM
+from tlt.engine.models.decoder import DecoderLM, batch_invariant_supported
 from tlt.engine.models.model_config import ModelConfig
 from tlt.engine.models.weights import (
     HFWeights,
@@ -123,6 +123,12 @@ class Engine:
         self.weights.commit(staged)
         del staged
         model.build_rope()
+        if cfg.enable_deterministic_inference:
+            if not batch_invariant_supported(self.dtype, self.device, mc.head_dim):
+                raise ValueError("enable_deterministic_inference needs dtype bfloat16 on a CPU with AVX512-BF16, tlt's "
+                                 f"C kernels and a head size in {kernels.ATTENTION_HEAD_DIMS} (this engine: "
+                                 f"{self.dtype}, {self.device}, head size {mc.head_dim})")
+            model.batch_invariant = True
         model.pack_weights()
         self.weight_version = cfg.weight_version
 

@@ -53,7 +53,7 @@ _SIGNATURES = {
     "tlt_linear_amx": [_i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr],
     "tlt_seeded_gumbel_cols_f32": [_i64, _i64, _ptr, _ptr, _ptr],
     "tlt_attention_bf16": [_i64, _i64, _i64, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _i64, _ptr, _f32, ctypes.c_int,
-                           _ptr],
+                           ctypes.c_int, _ptr],
 }
 
 
@@ -311,12 +311,15 @@ def attention_available(head_dim: int) -> bool:
 
 
 def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, row_start: int, kv_len: int,
-              mask: torch.Tensor | None, scale: float | None = None, amx: bool | None = None) -> torch.Tensor:
+              mask: torch.Tensor | None, scale: float | None = None, amx: bool | None = None,
+              ordered: bool = False) -> torch.Tensor:
     """Attention of few queries per sequence over the KV cache (decode and verify passes; see
     tlt_attention_bf16): q [B, T, heads, D] bf16, caches [rows, kv_heads, max_len, D] bf16, sequence b in cache row
     row_start + b, keys at slots < kv_len where the bool mask [B, T, kv_len] is True (None: all) -> [B, T, heads, D].
     Each query's result is independent of the batch and of T. Scores on AMX where the CPU has it (`amx`: None),
-    else (or with amx=False) by AVX512-BF16 dot products: the two round differently."""
+    else (or with amx=False) by AVX512-BF16 dot products: the two round differently. `ordered`: the softmax
+    denominator summed in key order, so that hidden keys between visible ones change nothing (a tree node against
+    the same tokens decoded one by one; see tlt_attention_bf16)."""
     B, T, nh, d = q.shape
     R, kvh, max_len, dk = k_cache.shape
     if not attention_available(d):
@@ -335,7 +338,7 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, row
     use_amx = amx_available() if amx is None else amx and amx_available()
     rc = _lib.tlt_attention_bf16(B, T, nh, kvh, d, max_len, kv_len, q.data_ptr(), k_cache.data_ptr(),
                                  v_cache.data_ptr(), row_start, None if mask is None else mask.data_ptr(),
-                                 d ** -0.5 if scale is None else scale, int(use_amx), out.data_ptr())
+                                 d ** -0.5 if scale is None else scale, int(use_amx), int(ordered), out.data_ptr())
     if rc == -1:
         raise MemoryError("attention: no memory for the scores")
     if rc != 0:

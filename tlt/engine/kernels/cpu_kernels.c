@@ -575,7 +575,11 @@ void tlt_seeded_gumbel_cols_f32(int64_t n, int64_t m, const uint64_t *states, co
  * slot, so padding costs nothing.
  *
  * Each query's result depends only on its own q, mask row and keys, summed in one fixed order: a decode pass
- * (T = 1) and a verify pass (T > 1) compute bit-identical attention for the same query and keys.
+ * (T = 1) and a verify pass (T > 1) compute bit-identical attention for the same query and keys at the same slots.
+ * With `ordered`, also when hidden keys lie between them (a tree node's ancestors, spread over the tree's slots,
+ * against the same tokens one after another in a decode pass): the softmax denominator is then one sum in key
+ * order instead of 16 lanes, so the zeros of hidden keys change no bit; the other sums already run in key order
+ * or per key.
  * d: 32, 64, 128 or 256. Returns 0; -1 when scratch memory could not be allocated; -2 for shapes it does not take. */
 #if defined(__AVX512BF16__)
 /* e[i] = sum of the 16 lanes of a[i], in one fixed order (pairs of lanes, then 128-bit lanes). */
@@ -678,7 +682,7 @@ static inline int64_t visible_end(const uint8_t *m, int64_t kv_len) {
  * DW = d / 16 (a constant at each call site, so that the accumulators stay in registers).
  * S: QV x E floats (scores, then probabilities); Vf: 16 x d floats; acc: d floats. */
 static inline __attribute__((always_inline)) void attention_task(
-    const int DW, int use_amx, int64_t T, int64_t G, int64_t nh, int64_t kv_len, const bf16 *qb, const bf16 *K,
+    const int DW, int use_amx, int ordered, int64_t T, int64_t G, int64_t nh, int64_t kv_len, const bf16 *qb, const bf16 *K,
     const bf16 *V, const uint8_t *mb, float scale, bf16 *ob, float *S, float *Vf, const int64_t *ends, int64_t E) {
     const int64_t d = DW * 16, QV = T * G;
     const __m512 neg_inf = _mm512_set1_ps(-INFINITY), vscale = _mm512_set1_ps(scale);
@@ -729,10 +733,16 @@ static inline __attribute__((always_inline)) void attention_task(
         }
 #pragma omp simd
         for (j = 0; j < end; j++) s[j] = s[j] == -INFINITY ? 0.0f : exp_approx(s[j] - m);
-        __m512 sum = _mm512_setzero_ps();
-        for (j = 0; j + 16 <= end; j += 16) sum = _mm512_add_ps(sum, _mm512_loadu_ps(s + j));
-        if (j < end) sum = _mm512_add_ps(sum, _mm512_maskz_loadu_ps((__mmask16)((1u << (end - j)) - 1u), s + j));
-        const float inv = 1.0f / lane_sum(sum);
+        float total = 0.0f;
+        if (ordered) { /* one sum in key order: hidden keys (zeros) anywhere in between change no bit */
+            for (j = 0; j < end; j++) total += s[j];
+        } else {
+            __m512 sum = _mm512_setzero_ps();
+            for (j = 0; j + 16 <= end; j += 16) sum = _mm512_add_ps(sum, _mm512_loadu_ps(s + j));
+            if (j < end) sum = _mm512_add_ps(sum, _mm512_maskz_loadu_ps((__mmask16)((1u << (end - j)) - 1u), s + j));
+            total = lane_sum(sum);
+        }
+        const float inv = 1.0f / total;
         for (j = 0; j < end; j++) s[j] *= inv;
     }
     /* out = P V: V converted to float32 16 keys at a time, then used by every query vector; the query heads of
@@ -780,7 +790,7 @@ int tlt_attention_supported(void) { return 1; }
 
 int tlt_attention_bf16(int64_t B, int64_t T, int64_t nh, int64_t kvh, int64_t d, int64_t L, int64_t kv_len,
                        const bf16 *q, const bf16 *kc, const bf16 *vc, int64_t row0, const uint8_t *mask, float scale,
-                       int use_amx, bf16 *out) {
+                       int use_amx, int ordered, bf16 *out) {
 #ifndef ATTENTION_AMX
     use_amx = 0;
 #endif
@@ -823,10 +833,10 @@ int tlt_attention_bf16(int64_t B, int64_t T, int64_t nh, int64_t kvh, int64_t d,
             bf16 *ob = out + (b * T * nh + g * G) * d;
             float *S = buf, *Vf = buf + T * G * E_max;
             switch (d / 16) {
-            case 2: attention_task(2, use_amx, T, G, nh, kv_len, qb, K, V, mb, scale, ob, S, Vf, ends, E_max); break;
-            case 4: attention_task(4, use_amx, T, G, nh, kv_len, qb, K, V, mb, scale, ob, S, Vf, ends, E_max); break;
-            case 8: attention_task(8, use_amx, T, G, nh, kv_len, qb, K, V, mb, scale, ob, S, Vf, ends, E_max); break;
-            default: attention_task(16, use_amx, T, G, nh, kv_len, qb, K, V, mb, scale, ob, S, Vf, ends, E_max); break;
+            case 2: attention_task(2, use_amx, ordered, T, G, nh, kv_len, qb, K, V, mb, scale, ob, S, Vf, ends, E_max); break;
+            case 4: attention_task(4, use_amx, ordered, T, G, nh, kv_len, qb, K, V, mb, scale, ob, S, Vf, ends, E_max); break;
+            case 8: attention_task(8, use_amx, ordered, T, G, nh, kv_len, qb, K, V, mb, scale, ob, S, Vf, ends, E_max); break;
+            default: attention_task(16, use_amx, ordered, T, G, nh, kv_len, qb, K, V, mb, scale, ob, S, Vf, ends, E_max); break;
             }
         }
 #ifdef ATTENTION_AMX
@@ -842,8 +852,8 @@ int tlt_attention_supported(void) { return 0; }
 
 int tlt_attention_bf16(int64_t B, int64_t T, int64_t nh, int64_t kvh, int64_t d, int64_t L, int64_t kv_len,
                        const bf16 *q, const bf16 *kc, const bf16 *vc, int64_t row0, const uint8_t *mask, float scale,
-                       int use_amx, bf16 *out) {
-    (void)use_amx, (void)B, (void)T, (void)nh, (void)kvh, (void)d, (void)L, (void)kv_len, (void)q, (void)kc, (void)vc, (void)row0;
+                       int use_amx, int ordered, bf16 *out) {
+    (void)use_amx, (void)ordered, (void)B, (void)T, (void)nh, (void)kvh, (void)d, (void)L, (void)kv_len, (void)q, (void)kc, (void)vc, (void)row0;
     (void)mask, (void)scale, (void)out;
     return -1;
 }

@@ -79,6 +79,10 @@ def bf16_linear(x: torch.Tensor, weights: tuple, bias: torch.Tensor | None = Non
     as `Linear.bf16_weights()` gives them: the few-row kernels where they are faster, oneDNN otherwise."""
     packed, weight, avx, tiles = weights
     rows = x.shape[0]
+    if packed is None:  # batch-invariant weights: one kernel whatever the row count
+        if tiles is not None:
+            return kernels.linear_amx(x.contiguous(), tiles, weight.shape[0], bias)
+        return kernels.linear_bf16(x.contiguous(), weight, bias)
     if avx and (rows == 1 or (tiles is None and rows <= BF16_KERNEL_ROWS)):
         return kernels.linear_bf16(x.contiguous(), weight, bias)
     if tiles is not None and rows <= AMX_ROWS:
@@ -92,6 +96,13 @@ def bf16_linear(x: torch.Tensor, weights: tuple, bias: torch.Tensor | None = Non
 # vs 0.55 ms per layer at 160 cached tokens). Prefill keeps SDPA. Each query's attention is independent of T and
 # of the batch, so decode and verify passes compute the same values for the same query and keys.
 ATTENTION_KERNEL_T = 16
+
+
+def batch_invariant_supported(dtype: torch.dtype, device: torch.device, head_dim: int | None = None) -> bool:
+    """Whether `DecoderLM.batch_invariant` can hold here: bf16 on a CPU with AVX512-BF16 (the row-independent
+    linear kernels, AMX where there is AMX) and, for this head size, the attention kernel."""
+    return (device.type == "cpu" and dtype == torch.bfloat16 and kernels.linear_bf16_available()
+            and (head_dim is None or kernels.attention_available(head_dim)))
 
 
 def additive_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -112,7 +123,7 @@ def check_kv_writes(rows: torch.Tensor, slots: torch.Tensor, cache: torch.Tensor
 
 
 def fused_layer(x, delta, tensors: tuple, shape: tuple[int, ...], cos, sin, positions, rows, slots, k_cache,
-                v_cache, row_start: int, kv_len: int, mask):
+                v_cache, row_start: int, kv_len: int, mask, ordered: bool = False):
     """One decoder layer on the fused bf16 CPU kernels (tlt/engine/kernels): the same math and bf16
     roundings as `DecoderLayer.forward`, ~8 calls instead of ~40.
 
@@ -121,7 +132,7 @@ def fused_layer(x, delta, tensors: tuple, shape: tuple[int, ...], cos, sin, posi
     `tensors`: `DecoderLayer.fused_tensors()`; shape (B, T, heads, kv_heads, head_dim) with N = B * T;
     cos/sin: rotary tables indexed by `positions` [N]; K/V written at cache[rows[t], :, slots[t]].
     mask: bool [B, T, kv_len] -> `kernels.attention` (passes of few queries per sequence, see ATTENTION_KERNEL_T);
-    an additive mask [B, 1, T, kv_len] or None -> torch's SDPA."""
+    an additive mask [B, 1, T, kv_len] or None -> torch's SDPA. `ordered`: see `kernels.attention`."""
     B, T, nh, kvh, d = shape
     N = B * T
     in_w, in_eps, qkv_w, qkv_b, q_norm, k_norm, o_w, post_w, post_eps, gu_w, down_w = tensors
@@ -133,7 +144,8 @@ def fused_layer(x, delta, tensors: tuple, shape: tuple[int, ...], cos, sin, posi
         qkv = torch.cat([q_norm(q), k_norm(k), v], dim=1).view(N, -1)
     q = kernels.rope_kv(qkv, cos, sin, positions, rows, slots, k_cache, v_cache, nh)
     if mask is not None and mask.dtype == torch.bool:  # few queries per sequence: tlt's kernel, mask [B, T, kv_len]
-        attn = kernels.attention(q.view(B, T, nh, d), k_cache, v_cache, row_start, kv_len, mask).view(N, nh * d)
+        attn = kernels.attention(q.view(B, T, nh, d), k_cache, v_cache, row_start, kv_len, mask,
+                                 ordered=ordered).view(N, nh * d)
     else:
         rs = slice(row_start, row_start + B)
         attn = F.scaled_dot_product_attention(
@@ -180,14 +192,18 @@ class Linear(nn.Linear):
         self.fp32_kernel = False
         self.bf16_kernel = False
 
-    def pack(self, enabled: bool) -> None:
+    def pack(self, enabled: bool, batch_invariant: bool = False) -> None:
+        """(Re)build the inference copies. `batch_invariant` (bf16 on CPU with AVX512-BF16): no oneDNN copy, so that
+        `bf16_linear` takes one row-independent kernel for every row count (see `batch_invariant_supported`)."""
         w = self.weight.detach()
         fp32 = cpu_fp32(w.dtype, w.device)
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(w) if enabled and not fp32 and cpu_packing_supported(
-            w.dtype, w.device) else None
+        kernel_only = bool(enabled and batch_invariant and batch_invariant_supported(w.dtype, w.device)
+                           and w.is_contiguous())
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(w) if enabled and not fp32 and not kernel_only and (
+            cpu_packing_supported(w.dtype, w.device)) else None
         self.fp32_kernel = bool(enabled and fp32 and w.is_contiguous() and kernels.available())
         self.weight_t = w.t().contiguous() if enabled and fp32 and not self.fp32_kernel else None
-        few_rows = self.packed is not None and w.dtype == torch.bfloat16 and w.is_contiguous()
+        few_rows = (self.packed is not None or kernel_only) and w.dtype == torch.bfloat16 and w.is_contiguous()
         self.bf16_kernel = bool(few_rows and kernels.linear_bf16_available())
         self.amx_tiles = kernels.amx_pack(w) if few_rows and kernels.amx_available() else None
 
@@ -198,7 +214,7 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight.requires_grad:  # training reads the parameter, never a copy (which has no gradient)
             return F.linear(x, self.weight, self.bias)
-        if self.packed is not None:
+        if self.packed is not None or self.bf16_kernel:
             if x.dtype == torch.bfloat16 and (self.bf16_kernel or self.amx_tiles is not None):
                 return bf16_linear(x.reshape(-1, x.shape[-1]), self.bf16_weights(), self.bias).view(
                     *x.shape[:-1], self.out_features)
@@ -328,6 +344,10 @@ class DecoderLM(nn.Module):
         self.rope: RotaryTable | None = None
         self.fused_cpu = False  # bf16 on CPU with the fused kernels built (set by pack_weights)
         self._fused_layers: list[tuple] | None = None
+        # A token's results do not depend on the rows beside it in a pass, nor on the pass's kind (decode or
+        # verify): one linear kernel for every row count, the attention kernel with ordered sums. Set before
+        # pack_weights, and only where `batch_invariant_supported`.
+        self.batch_invariant = False
 
     def build_rope(self) -> None:
         """(Re)build the cos/sin tables on the module's device and dtype."""
@@ -341,16 +361,20 @@ class DecoderLM(nn.Module):
         w = self.embed.weight
         if enabled is None:
             enabled = cpu_packing_supported(w.dtype, w.device) or cpu_fp32(w.dtype, w.device)
+        invariant = self.batch_invariant
+        if invariant and enabled and not batch_invariant_supported(w.dtype, w.device, self.cfg.head_dim):
+            raise ValueError("batch-invariant inference needs bfloat16 on a CPU with AVX512-BF16 (and the C kernels)")
         for m in self.modules():
             if isinstance(m, Linear):
-                m.pack(enabled)
+                m.pack(enabled, invariant)
         # The head is oneDNN-packed in float32 too: at 2-64 rows 1.1-2.4x faster than torch's linear.
-        pack_head = enabled and onednn_packing_available()
+        pack_head = enabled and onednn_packing_available() and not invariant
         self.head_packed = torch.ops.mkldnn._reorder_linear_weight(self.head_weight.detach()) if pack_head else None
         self.head_fp32_kernel = bool(enabled and cpu_fp32(w.dtype, w.device) and self.head_weight.is_contiguous()
                                      and kernels.available())
         head = self.head_weight.detach()
-        few_rows = self.head_packed is not None and w.dtype == torch.bfloat16 and head.is_contiguous()
+        few_rows = ((self.head_packed is not None or (invariant and enabled)) and w.dtype == torch.bfloat16
+                    and head.is_contiguous())
         self.head_bf16 = None
         if few_rows:
             self.head_bf16 = (self.head_packed, head, kernels.linear_bf16_available(),
@@ -402,7 +426,7 @@ class DecoderLM(nn.Module):
         captured = {}
         for i, tensors in enumerate(self._fused_layers):
             x, delta = fused_layer(x, delta, tensors, shape, cos, sin, positions, rows, slots, k_caches[i],
-                                   v_caches[i], batch.row_start, batch.kv_len, mask)
+                                   v_caches[i], batch.row_start, batch.kv_len, mask, self.batch_invariant)
             if i in capture_layers:
                 x, delta = x + delta, None  # bf16 add: the same rounding as the fused one
                 captured[i] = x.view(B, T, -1)
