@@ -70,14 +70,16 @@ def _run(engine, prompts, bs: int, mode: str, new_tokens: int, seed: int) -> dic
 
 
 def bench(model_path: str | None, drafter: str, batch_sizes: list[int], configs: list[dict], new_tokens: int,
-          dtype: str, seed: int, min_prompts: int, threads: int | None = None, log=print) -> dict:
+          dtype: str, seed: int, min_prompts: int, threads: int | None = None, deterministic: bool = False,
+          log=print) -> dict:
     """Load the engines, run every (batch size, mode, config) and return the results table."""
     import tlt
 
     if drafter != "random" and not os.path.exists(os.path.join(drafter, "config.json")):
         raise SystemExit(f"no drafter at {drafter!r}: train one (tlt train-drafter --out {drafter}) "
                          "or pass --drafter random")
-    common = dict(dtype=dtype, random_seed=0, torch_num_threads=threads or None)
+    common = dict(dtype=dtype, random_seed=0, torch_num_threads=threads or None,
+                  enable_deterministic_inference=deterministic)
     t0 = time.perf_counter()
     log(f"loading engine without speculation ({dtype}, {threads or 'default'} torch threads) ...")
     engines = {"no spec": tlt.Engine(model_path, **common)}
@@ -131,8 +133,9 @@ def bench(model_path: str | None, drafter: str, batch_sizes: list[int], configs:
                     f"  ({r['seconds']:.1f} s){extra}")
     for e in engines.values():
         e.shutdown()
-    return _summary(rows, configs, batch_sizes, new_tokens, dtype, min_prompts, seed, drafter, model_path,
-                    load_s)
+    res = _summary(rows, configs, batch_sizes, new_tokens, dtype, min_prompts, seed, drafter, model_path, load_s)
+    res["config"]["enable_deterministic_inference"] = deterministic
+    return res
 
 
 def _summary(rows, configs, batch_sizes, new_tokens, dtype, min_prompts, seed, drafter, model_path,
@@ -201,7 +204,7 @@ def run(args) -> dict:
     if len({c["label"] for c in configs}) < len(configs):
         raise SystemExit("--configs: each config once")
     res = bench(args.model_path, args.drafter, args.batch_sizes, configs, args.new_tokens, args.dtype,
-                args.seed, args.min_prompts, args.threads, log=lambda m: print(m, flush=True))
+                args.seed, args.min_prompts, args.threads, args.deterministic, log=lambda m: print(m, flush=True))
     if args.json:
         res["plot"] = os.path.splitext(args.json)[0] + ".png"
         plot(res, res["plot"])
@@ -226,6 +229,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     # One thread: on a shared 2-core machine two OpenMP threads stall at every barrier while another
     # process holds a core (measured 2.7x slower at batch 1 here); 0 lets torch choose.
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads; 0: torch's choice (default: 1)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="every engine with enable_deterministic_inference (speculative == plain, token for token)")
 
 
 def main(argv=None) -> None:
