@@ -320,10 +320,12 @@ class DecoderLayer(nn.Module):
         rows = batch.write_rows.reshape(N).contiguous()
         check_kv_writes(rows, slots, k_cache)
         shape = (B, T, self.num_heads, self.num_kv_heads, self.head_dim)
+        few = T <= ATTENTION_KERNEL_T and kernels.attention_available(self.head_dim)
+        mask = batch.mask.reshape(B, T, batch.kv_len) if few else additive_mask(batch.mask)
         x, delta = fused_layer(x.reshape(N, H).contiguous(), None, self.fused_tensors(), shape,
                                cos.reshape(N, -1).contiguous(), sin.reshape(N, -1).contiguous(),
                                torch.arange(N, device=x.device), rows, slots, k_cache, v_cache, batch.row_start,
-                               batch.kv_len, additive_mask(batch.mask))
+                               batch.kv_len, mask)
         return (x + delta).view(B, T, H)
 
 
