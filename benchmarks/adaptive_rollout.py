@@ -120,7 +120,7 @@ def _accept_len(outs) -> float | None:
 
 def bench(model_path, drafter: str, arms: list[str], kind: str, prompts: int, n: int, temperature: float,
           min_tokens: int, alpha: float, max_tokens: int, tail: int, dtype: str, seed: int, epsilon: float, policy: str,
-          threads: int | None, log=print, ignore_eos: bool = True) -> dict:
+          threads: int | None, log=print, ignore_eos: bool = True, deterministic: bool = False) -> dict:
     import torch
 
     import tlt
@@ -129,7 +129,8 @@ def bench(model_path, drafter: str, arms: list[str], kind: str, prompts: int, n:
         torch.set_num_threads(threads)
     engine = tlt.Engine(model_path, dtype=dtype, random_seed=seed, speculative_draft_model_path=drafter,
                         speculative_adaptive=True, speculative_arms=arms, speculative_epsilon=epsilon,
-                        speculative_selector=policy, max_running_requests=max(prompts * n, 1))
+                        speculative_selector=policy, max_running_requests=max(prompts * n, 1),
+                        enable_deterministic_inference=deterministic)
     ps = task_prompts(engine.tokenizer, kind, prompts, seed)
     lengths = heavy_tail_lengths(prompts * n, min_tokens, alpha, max_tokens, seed)
     ids, sps = _requests(ps, n, temperature, lengths, seed, ignore_eos)
@@ -173,7 +174,8 @@ def bench(model_path, drafter: str, arms: list[str], kind: str, prompts: int, n:
         "benchmark": "adaptive_rollout", "machine": machine(), "dtype": dtype, "drafter": drafter,
         "workload": {"kind": kind, "prompts": prompts, "n": n, "temperature": temperature, "min_tokens": min_tokens,
                      "alpha": alpha, "max_tokens": max_tokens, "tail_threshold": tail, "seed": seed,
-                     "policy": policy, "epsilon": epsilon, "arms": arms, "ignore_eos": ignore_eos},
+                     "policy": policy, "epsilon": epsilon, "arms": arms, "ignore_eos": ignore_eos,
+                     "enable_deterministic_inference": deterministic},
         "speedup_total": off["total_s"] / ad["total_s"],
         "speedup_tail": off["tail_s"] / ad["tail_s"] if ad["tail_s"] else None,
         "vs_best_static": ad["tok_per_s"] / best["tok_per_s"],
@@ -232,6 +234,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: robust on a shared machine)")
     p.add_argument("--natural-lengths", action="store_true",
                    help="let EOS end samples (default: each runs to its drawn length; see the module docstring)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="enable_deterministic_inference: every run emits the same tokens (bf16 too), so natural "
+                        "lengths compare like with like")
 
 
 def main(argv=None) -> None:
@@ -244,7 +249,8 @@ def main(argv=None) -> None:
     res = bench(args.model_path, args.drafter, [a.strip() for a in args.arms.split(",") if a.strip()],
                 args.task, args.prompts, args.n, args.temperature, args.min_tokens, args.alpha, args.max_tokens,
                 args.tail, args.dtype, args.seed, args.epsilon, args.policy, args.threads,
-                log=lambda m: print(m, flush=True), ignore_eos=not args.natural_lengths)
+                log=lambda m: print(m, flush=True), ignore_eos=not args.natural_lengths,
+                deterministic=args.deterministic)
     res["bench_s"] = time.perf_counter() - t
     if args.json:
         res["plot"] = os.path.splitext(args.json)[0] + ".png"

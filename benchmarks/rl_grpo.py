@@ -49,7 +49,7 @@ MODES = ("baseline", "tlt")
 
 
 def _engine_kwargs(args) -> dict:
-    kw = dict(dtype=args.dtype, random_seed=0)
+    kw = dict(dtype=args.dtype, random_seed=0, enable_deterministic_inference=args.deterministic)
     if args.threads:
         kw["torch_num_threads"] = args.threads
     return kw
@@ -111,7 +111,8 @@ def _launch_server(args, extra: dict, log):
 
     port = free_port()
     cmd = [sys.executable, "-m", "tlt.rl_bridge.http_server", "--port", str(port), "--log-level", "warning",
-           "--dtype", args.dtype, "--random-seed", "0"]
+           "--dtype", args.dtype, "--random-seed", "0"] + (["--enable-deterministic-inference"] if args.deterministic
+                                                              else [])
     if args.model_path:
         cmd += ["--model-path", args.model_path]
     if args.threads:
@@ -252,7 +253,8 @@ def bench(args, log=print) -> dict:
         base.close()
         tlt_run.close()
     rb, rt = base.trainer.records, tlt_run.trainer.records
-    cmp = grpo.compare_rollouts(rb, rt, cfg.group_size, base.tokenizer, dtype=base.info.get("dtype"))
+    cmp = grpo.compare_rollouts(rb, rt, cfg.group_size, base.tokenizer, dtype=base.info.get("dtype"),
+                                deterministic=args.deterministic)
     step_b, step_t = _sum(rb, "step_s"), _sum(rt, "step_s")
     roll_b, roll_t = _sum(rb, "rollout_s"), _sum(rt, "rollout_s")
     tail_b, tail_t = _sum(rb, "tail_s"), _sum(rt, "tail_s")
@@ -282,7 +284,8 @@ def bench(args, log=print) -> dict:
         "comparison": cmp,
         "timelines": {"baseline": [_timeline(r) for r in rb], "tlt": [_timeline(r) for r in rt]},
         "config": {**dataclasses.asdict(cfg), "model": args.model_path or "SmolLM2-135M-Instruct (embedded GGUF)",
-                   "dtype": args.dtype, "backend": args.backend, "threads": args.threads or "torch default",
+                   "dtype": args.dtype, "enable_deterministic_inference": args.deterministic,
+                   "backend": args.backend, "threads": args.threads or "torch default",
                    "drafter": args.drafter or ("benchmarks/drafters/smollm2" if drafter_dir == DEFAULT_DRAFTER
                                                else "random"),
                    "tlt_speculation": tlt_run.spec, "drafter_train_s": args.drafter_train_s,
@@ -424,6 +427,9 @@ def add_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("--model-path", default=None, help="policy checkpoint (default: embedded SmolLM2-135M)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="engine dtype; float32 makes the two runs' rollouts token-identical")
+    p.add_argument("--deterministic", action="store_true",
+                   help="engines with enable_deterministic_inference: with --dtype bfloat16 the two runs' rollouts and "
+                        "log-probs are then bit-identical too (batch-invariant kernels)")
     p.add_argument("--backend", default="engine", choices=["engine", "http"],
                    help="rollouts from an in-process tlt.Engine, or a `tlt serve` child process over HTTP")
     p.add_argument("--drafter", default=None,

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import tlt
+from tlt.engine.models.decoder import batch_invariant_supported
 from tlt.engine.models.weights import WeightUpdateError
 from tlt.rl_bridge import grpo
 
@@ -191,9 +192,17 @@ def test_rejected_push_leaves_the_engine_whole(engine):
 
 # ---------------------------------------------------------------------------------------------- runs
 def _run(path: str, steps: int = 2, **engine_kw) -> list[grpo.StepRecord]:
-    e = tlt.Engine(path, **ENGINE, **engine_kw)
+    e = tlt.Engine(path, **{**ENGINE, **engine_kw})
     try:
         return _trainer(e, steps=steps).run()
+    finally:
+        e.shutdown()
+
+
+def _run_cfg(path: str, engine_kw: dict, **cfg) -> list[grpo.StepRecord]:
+    e = tlt.Engine(path, **{**ENGINE, **engine_kw})
+    try:
+        return _trainer(e, **cfg).run()
     finally:
         e.shutdown()
 
@@ -220,6 +229,33 @@ def test_speculation_is_lossless_in_training(tiny_llama, tmp_path):
     assert cmp[0]["identical"] and cmp[0]["same_rewards"] and cmp[0]["max_logprob_diff"] < 1e-4
     for c in cmp:  # a later difference may only follow from an earlier one, never at identical weights
         assert c["identical"] or not c["first_difference"]["reason"].startswith("not lossless"), c
+
+
+@pytest.mark.skipif(not batch_invariant_supported(torch.bfloat16, torch.device("cpu"), 64),
+                    reason="batch-invariant bf16 kernels need AVX512-BF16 and the C kernels")
+def test_bf16_deterministic_speculation_is_bit_identical_in_training(tmp_path, smol_tokenizer_dir):
+    """bf16 engines with enable_deterministic_inference: baseline and speculation give the same rollouts and the
+    very same log-prob bits, so the two trainings stay identical step after step (float32 engines only promise
+    the tokens: their log-probs differ in the last bits)."""
+    from tiny_models import make_tiny_checkpoint
+
+    from tlt.engine.spec.drafter import EagleDrafter
+
+    path = make_tiny_checkpoint(tmp_path / "m", "llama", smol_tokenizer_dir, seed=4, hidden_size=256,
+                                intermediate_size=512, num_attention_heads=4, head_dim=64)
+    kw = dict(dtype="bfloat16", enable_deterministic_inference=True)
+    e = tlt.Engine(path, **{**ENGINE, **kw})
+    EagleDrafter.random(e.model_config, seed=0, draft_vocab_size=4096).save(str(tmp_path / "d"))
+    e.shutdown()
+    # 32 sequences under a static chain of 3: verify passes of 128 rows, decode passes of 32 (and fewer as
+    # sequences end), where bf16 kernels chosen by row count would round differently
+    base = _run_cfg(path, kw, steps=3, prompts_per_step=4, group_size=8)
+    spec = _run_cfg(path, dict(kw, speculative_draft_model_path=str(tmp_path / "d"), speculative_num_steps=3),
+                    steps=3, prompts_per_step=4, group_size=8)
+    assert sum(r.arm_stats.get("spec_verify_rounds", 0) for r in spec) > 0, spec[0].arm_stats
+    cmp = grpo.compare_rollouts(base, spec, 8, dtype="bfloat16", deterministic=True)
+    assert all(c["identical"] and c["same_rewards"] and c["max_logprob_diff"] == 0.0 for c in cmp), cmp
+    assert [r.loss for r in base] == [r.loss for r in spec]
 
 
 def test_earned_drafter_budget_spends_only_what_speculation_saved():

@@ -202,3 +202,9 @@ def test_refuses_to_start_exposed(tmp_path, capsys):
     assert "not a directory" in exposure_error(parse(["--weight-roots", str(tmp_path / "missing")]))
     assert main(["--host", "0.0.0.0", "--port", "1"]) == 2  # refused before any model is loaded
     assert "--api-key" in capsys.readouterr().err
+
+
+def test_deterministic_inference_flag_reaches_the_engine_arguments():
+    args = build_parser().parse_args(["--enable-deterministic-inference"])
+    assert args.enable_deterministic_inference is True
+    assert build_parser().parse_args([]).enable_deterministic_inference is False

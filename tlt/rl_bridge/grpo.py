@@ -697,7 +697,7 @@ class GRPOTrainer:
 
 # ---------------------------------------------------------------------------------------------- comparison
 def compare_rollouts(a: list[StepRecord], b: list[StepRecord], group_size: int, tokenizer=None,
-                     dtype: str = "float32") -> list[dict]:
+                     dtype: str = "float32", deterministic: bool = False) -> list[dict]:
     """Per step: are two runs' rollouts token-identical? If not, where they first differ, and why.
 
     With the same seed, the same weights and a lossless engine the rollouts are identical. Each step also
@@ -710,7 +710,8 @@ def compare_rollouts(a: list[StepRecord], b: list[StepRecord], group_size: int, 
     The reason given for a step's first difference: `weights differ (...)` when an earlier step's
     training inputs differed (tokens, rewards, or log-probs); at identical weights, `rounding (bfloat16)`
     for a 16-bit engine (verify and decode round differently, a nearly tied draw can flip); else
-    `not lossless` (float32, identical weights, another token: a bug).
+    `not lossless` (float32, or engines with `enable_deterministic_inference` (`deterministic`), whose bf16
+    passes are batch-invariant: identical weights, another token is a bug).
     """
     out = []
     cause: str | None = None  # why the weights may differ from this step on
@@ -733,7 +734,7 @@ def compare_rollouts(a: list[StepRecord], b: list[StepRecord], group_size: int, 
                 d["text_b"] = tokenizer.decode(y[pos : pos + 8]) if pos < len(y) else "<end>"
             if cause is not None:
                 d["reason"] = f"weights differ ({cause})"
-            elif dtype in ("bfloat16", "float16"):
+            elif dtype in ("bfloat16", "float16") and not deterministic:
                 d["reason"] = f"rounding ({dtype})"
             else:
                 d["reason"] = "not lossless"

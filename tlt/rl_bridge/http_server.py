@@ -505,6 +505,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     g.add_argument("--mem-fraction-static", type=float, default=0.85,
                    help="CUDA: memory fraction for weights + KV")
     g.add_argument("--random-seed", type=int, default=None)
+    g.add_argument("--enable-deterministic-inference", action="store_true",
+                   help="batch-invariant kernels: speculative decoding emits the tokens plain decoding emits, "
+                        "bfloat16 included (bfloat16 on CPUs with AVX512-BF16)")
     g.add_argument("--torch-num-threads", type=int, default=None, help="CPU threads for torch")
     for f in _speculative_fields():  # whatever speculative settings the engine has, under their SGLang names
         flag = "--" + f.name.replace("_", "-")
@@ -577,7 +580,8 @@ def serve(args: argparse.Namespace) -> int:
         context_length=args.context_length, kv_cache_bytes=args.kv_cache_bytes,
         mem_fraction_static=args.mem_fraction_static, max_running_requests=args.max_running_requests,
         max_prefill_tokens=args.max_prefill_tokens, random_seed=args.random_seed,
-        weight_version=args.weight_version, torch_num_threads=args.torch_num_threads,
+        enable_deterministic_inference=args.enable_deterministic_inference, weight_version=args.weight_version,
+        torch_num_threads=args.torch_num_threads,
         log_level=args.log_level, **{f.name: getattr(args, f.name) for f in _speculative_fields()},
     )
     shown = {k: v for k, v in vars(args).items() if k != "api_key" and not callable(v)}
