@@ -332,3 +332,18 @@ def test_attention_of_nothing_visible_is_zero_and_bad_input_is_refused():
     with pytest.raises(RuntimeError):
         kernels.attention(torch.randn(2, 1, 2, 48).bfloat16(), kc[..., :48].contiguous(), kc[..., :48].contiguous(), 0,
                           20, None)  # a head size it does not take
+
+
+@pytest.mark.skipif(not kernels.amx_available(), reason="CPU or OS without AMX")
+@pytest.mark.parametrize("rows", [1, 5, 16, 33, 64])
+def test_linear_amx_silu_equals_the_two_steps(rows):
+    g = torch.Generator().manual_seed(rows)
+    w = (torch.randn(2 * 48, 80, generator=g) * 0.2).bfloat16()  # half = 48: three 16-column blocks per half
+    x = torch.randn(rows, 80, generator=g).bfloat16()
+    tiles = kernels.amx_pack(w)
+    fused = kernels.linear_amx_silu(x, tiles, 48)
+    assert torch.equal(fused, kernels.silu_mul(kernels.linear_amx(x, tiles, 96)))
+    ref = F.silu(x.float() @ w[:48].float().T) * (x.float() @ w[48:].float().T)
+    assert (fused.float() - ref).abs().max() <= 0.05 * ref.abs().max()
+    with pytest.raises(ValueError):
+        kernels.linear_amx_silu(x, kernels.amx_pack(w[:, :64].contiguous()), 48)  # tiles of another width

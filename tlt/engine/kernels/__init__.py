@@ -51,6 +51,7 @@ _SIGNATURES = {
     "tlt_linear_f32": [_i64, _i64, _i64, _ptr, _ptr, _ptr],
     "tlt_linear_bf16": [_i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr],
     "tlt_linear_amx": [_i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr],
+    "tlt_linear_amx_silu": [_i64, _i64, _i64, _ptr, _ptr, _ptr],
     "tlt_seeded_gumbel_cols_f32": [_i64, _i64, _ptr, _ptr, _ptr],
     "tlt_attention_bf16": [_i64, _i64, _i64, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _i64, _ptr, _f32, ctypes.c_int,
                            ctypes.c_int, _ptr],
@@ -92,6 +93,7 @@ def _build() -> ctypes.CDLL | None:
         fn.argtypes, fn.restype = args, None
     lib.tlt_amx_init.argtypes, lib.tlt_amx_init.restype = [], ctypes.c_int
     lib.tlt_linear_amx.restype = ctypes.c_int
+    lib.tlt_linear_amx_silu.restype = ctypes.c_int
     lib.tlt_linear_bf16_supported.argtypes, lib.tlt_linear_bf16_supported.restype = [], ctypes.c_int
     lib.tlt_attention_supported.argtypes, lib.tlt_attention_supported.restype = [], ctypes.c_int
     lib.tlt_attention_bf16.restype = ctypes.c_int
@@ -301,6 +303,21 @@ def linear_amx(x: torch.Tensor, packed: torch.Tensor, out_features: int,
         raise MemoryError("linear_amx: no memory for the padded rows")
     return out
 
+
+def linear_amx_silu(x: torch.Tensor, packed: torch.Tensor, half: int) -> torch.Tensor:
+    """SwiGLU's gate_up linear and activation in one pass: x [R, I] with W = [gate; up] [2 half, I] given as
+    `amx_pack(W)` -> silu(x W_gate^T) * (x W_up^T) [R, half], bit-identical to `silu_mul(linear_amx(x, packed,
+    2 half))` without the [R, 2 half] intermediate. half % 16 == 0."""
+    if not amx_available():
+        raise RuntimeError("the AMX linear needs the C kernels built with AMX and the OS's permission")
+    _check(x, packed)
+    if half % 16 or x.dim() != 2 or packed.dim() != 5 or packed.shape != (2 * half // 16, -(-x.shape[1] // 32), 16,
+                                                                            16, 2):
+        raise ValueError(f"linear_amx_silu: x {tuple(x.shape)}, tiles {tuple(packed.shape)}, half {half} do not fit")
+    out = torch.empty((x.shape[0], half), dtype=torch.bfloat16)
+    if _lib.tlt_linear_amx_silu(x.shape[0], x.shape[1], half, x.data_ptr(), packed.data_ptr(), out.data_ptr()) != 0:
+        raise MemoryError("linear_amx_silu: no memory for the padded rows")
+    return out
 
 ATTENTION_HEAD_DIMS = (32, 64, 128, 256)
 

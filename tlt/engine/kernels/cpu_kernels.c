@@ -467,9 +467,21 @@ int tlt_amx_init(void) {
     return (bitmask & (1ul << 18)) != 0;
 }
 
-/* Returns 0, or -1 when the padded copy of X could not be allocated (nothing written). */
-int tlt_linear_amx(int64_t R, int64_t I, int64_t O, const bf16 *X, const bf16 *P, const bf16 *bias, bf16 *Y) {
+/* SwiGLU's activation on one output: bf16(bf16(silu(bf16(g))) * bf16(u)), tlt_silu_mul's rounding of an unfused
+ * gate_up output. */
+static inline bf16 silu_mul_one(float g, float u) {
+    const float x = bf2f(f2bf(g));
+    return f2bf(bf2f(f2bf(x / (1.f + exp_approx(-x)))) * bf2f(f2bf(u)));
+}
+
+/* M == 0: Y [R, O] = X W^T (+ bias). M > 0 (SwiGLU, W = [gate; up] with O = 2 M, M % 16 == 0, no bias):
+ * Y [R, M] = silu(X W_gate^T) * (X W_up^T), the two halves' output blocks computed side by side, so that the
+ * activation is applied as the sums leave the tiles instead of in a second pass over a [R, 2M] tensor.
+ * Returns 0, or -1 when the padded copy of X could not be allocated (nothing written). */
+static int linear_amx(int64_t R, int64_t I, int64_t O, const bf16 *X, const bf16 *P, const bf16 *bias, bf16 *Y,
+                      int64_t M) {
     const int64_t KB = (I + 31) / 32, NB = (O + 15) / 16, RB = (R + 15) / 16, Ip = KB * 32;
+    const int64_t MB = M / 16, pairs = M ? MB : (NB + 1) / 2, OY = M ? M : O;
     if (R == 0 || O == 0) return 0;
     bf16 *Xp = aligned_alloc(64, (size_t)(RB * 16 * Ip) * sizeof(bf16));
     if (Xp == NULL) return -1;
@@ -487,9 +499,11 @@ int tlt_linear_amx(int64_t R, int64_t I, int64_t O, const bf16 *X, const bf16 *P
         _tile_loadconfig(&cfg);
         float acc[2][16 * 16] __attribute__((aligned(64)));
 #pragma omp for schedule(static)
-        for (int64_t nb = 0; nb < NB; nb += 2) {
-            const int two = nb + 1 < NB;
-            const bf16 *p0 = P + nb * KB * 512, *p1 = P + (nb + two) * KB * 512;
+        for (int64_t pair_i = 0; pair_i < pairs; pair_i++) {
+            /* the two output blocks of this iteration: neighbours, or a gate block and its up block */
+            const int64_t nb = M ? pair_i : 2 * pair_i, nb1 = M ? pair_i + MB : nb + 1;
+            const int two = nb1 < NB;
+            const bf16 *p0 = P + nb * KB * 512, *p1 = P + (two ? nb1 : nb) * KB * 512;
             for (int64_t rb = 0; rb < RB; rb += 2) {
                 /* two row blocks share each weight tile when there are two (tiles 0-3: sums, 4-5: rows, 6-7: weights) */
                 const int pair = rb + 1 < RB;
@@ -524,6 +538,12 @@ int tlt_linear_amx(int64_t R, int64_t I, int64_t O, const bf16 *X, const bf16 *P
                         _tile_stored(3, acc[1], 64);
                     }
                     const int64_t row0 = (rb + q) * 16, nrow = R - row0 < 16 ? R - row0 : 16;
+                    if (M) {
+                        for (int64_t r = 0; r < nrow; r++)
+                            for (int64_t n = 0; n < 16; n++)
+                                Y[(row0 + r) * OY + nb * 16 + n] = silu_mul_one(acc[0][r * 16 + n], acc[1][r * 16 + n]);
+                        continue;
+                    }
                     for (int h = 0; h <= two; h++) {
                         const int64_t o0 = (nb + h) * 16, no = O - o0 < 16 ? O - o0 : 16;
                         for (int64_t r = 0; r < nrow; r++)
@@ -540,11 +560,26 @@ int tlt_linear_amx(int64_t R, int64_t I, int64_t O, const bf16 *X, const bf16 *P
     free(Xp);
     return 0;
 }
+
+int tlt_linear_amx(int64_t R, int64_t I, int64_t O, const bf16 *X, const bf16 *P, const bf16 *bias, bf16 *Y) {
+    return linear_amx(R, I, O, X, P, bias, Y, 0);
+}
+
+/* Y [R, M] = silu(gate) * up of X [R, I] times the packed [gate; up] weight [2M, I]; M % 16 == 0 (else -2). */
+int tlt_linear_amx_silu(int64_t R, int64_t I, int64_t M, const bf16 *X, const bf16 *P, bf16 *Y) {
+    if (M % 16) return -2;
+    return linear_amx(R, I, 2 * M, X, P, NULL, Y, M);
+}
 #else
 int tlt_amx_init(void) { return 0; }
 
 int tlt_linear_amx(int64_t R, int64_t I, int64_t O, const bf16 *X, const bf16 *P, const bf16 *bias, bf16 *Y) {
     (void)R, (void)I, (void)O, (void)X, (void)P, (void)bias, (void)Y;
+    return -1;
+}
+
+int tlt_linear_amx_silu(int64_t R, int64_t I, int64_t M, const bf16 *X, const bf16 *P, bf16 *Y) {
+    (void)R, (void)I, (void)M, (void)X, (void)P, (void)Y;
     return -1;
 }
 #endif
