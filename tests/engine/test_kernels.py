@@ -347,3 +347,15 @@ def test_linear_amx_silu_equals_the_two_steps(rows):
     assert (fused.float() - ref).abs().max() <= 0.05 * ref.abs().max()
     with pytest.raises(ValueError):
         kernels.linear_amx_silu(x, kernels.amx_pack(w[:, :64].contiguous()), 48)  # tiles of another width
+
+
+@pytest.mark.skipif(not kernels.amx_available(), reason="CPU or OS without AMX")
+def test_linear_amx_float_out_equals_widening_afterwards():
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(100, 70, generator=g).bfloat16()
+    x = torch.randn(19, 70, generator=g).bfloat16()
+    b = torch.randn(100, generator=g).bfloat16()
+    tiles = kernels.amx_pack(w)
+    for bias in (None, b):
+        out = kernels.linear_amx(x, tiles, 100, bias, float_out=True)
+        assert out.dtype == torch.float32 and torch.equal(out, kernels.linear_amx(x, tiles, 100, bias).float())

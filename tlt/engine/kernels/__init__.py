@@ -52,6 +52,7 @@ _SIGNATURES = {
     "tlt_linear_bf16": [_i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr],
     "tlt_linear_amx": [_i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr],
     "tlt_linear_amx_silu": [_i64, _i64, _i64, _ptr, _ptr, _ptr],
+    "tlt_linear_amx_f32out": [_i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr],
     "tlt_seeded_gumbel_cols_f32": [_i64, _i64, _ptr, _ptr, _ptr],
     "tlt_attention_bf16": [_i64, _i64, _i64, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _i64, _ptr, _f32, ctypes.c_int,
                            ctypes.c_int, _ptr],
@@ -94,6 +95,7 @@ def _build() -> ctypes.CDLL | None:
     lib.tlt_amx_init.argtypes, lib.tlt_amx_init.restype = [], ctypes.c_int
     lib.tlt_linear_amx.restype = ctypes.c_int
     lib.tlt_linear_amx_silu.restype = ctypes.c_int
+    lib.tlt_linear_amx_f32out.restype = ctypes.c_int
     lib.tlt_linear_bf16_supported.argtypes, lib.tlt_linear_bf16_supported.restype = [], ctypes.c_int
     lib.tlt_attention_supported.argtypes, lib.tlt_attention_supported.restype = [], ctypes.c_int
     lib.tlt_attention_bf16.restype = ctypes.c_int
@@ -287,9 +289,10 @@ def amx_pack(weight: torch.Tensor) -> torch.Tensor:
 
 
 def linear_amx(x: torch.Tensor, packed: torch.Tensor, out_features: int,
-               bias: torch.Tensor | None = None) -> torch.Tensor:
+               bias: torch.Tensor | None = None, float_out: bool = False) -> torch.Tensor:
     """x [R, I] @ W^T (+ bias) -> [R, out_features], bf16 in and out, float32 sums rounded once, with W given as
-    `amx_pack(W)`; each row's result independent of the others (see tlt_linear_amx)."""
+    `amx_pack(W)`; each row's result independent of the others (see tlt_linear_amx). `float_out`: the same values
+    widened to float32 as they are stored (= `linear_amx(...).float()` in one pass: an LM head's logits)."""
     if not amx_available():
         raise RuntimeError("the AMX linear needs the C kernels built with AMX and the OS's permission")
     _check(x, packed, *(() if bias is None else (bias,)))
@@ -297,9 +300,10 @@ def linear_amx(x: torch.Tensor, packed: torch.Tensor, out_features: int,
         raise ValueError(f"linear_amx: x {tuple(x.shape)} does not match packed tiles {tuple(packed.shape)}")
     if bias is not None and bias.shape != (out_features,):
         raise ValueError("linear_amx: one bias per output")
-    out = torch.empty((x.shape[0], out_features), dtype=torch.bfloat16)
-    if _lib.tlt_linear_amx(x.shape[0], x.shape[1], out_features, x.data_ptr(), packed.data_ptr(),
-                           None if bias is None else bias.data_ptr(), out.data_ptr()) != 0:
+    out = torch.empty((x.shape[0], out_features), dtype=torch.float32 if float_out else torch.bfloat16)
+    fn = _lib.tlt_linear_amx_f32out if float_out else _lib.tlt_linear_amx
+    if fn(x.shape[0], x.shape[1], out_features, x.data_ptr(), packed.data_ptr(),
+          None if bias is None else bias.data_ptr(), out.data_ptr()) != 0:
         raise MemoryError("linear_amx: no memory for the padded rows")
     return out
 

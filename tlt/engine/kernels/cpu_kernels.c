@@ -479,7 +479,7 @@ static inline bf16 silu_mul_one(float g, float u) {
  * activation is applied as the sums leave the tiles instead of in a second pass over a [R, 2M] tensor.
  * Returns 0, or -1 when the padded copy of X could not be allocated (nothing written). */
 static int linear_amx(int64_t R, int64_t I, int64_t O, const bf16 *X, const bf16 *P, const bf16 *bias, bf16 *Y,
-                      int64_t M) {
+                      int64_t M, float *Yf) {
     const int64_t KB = (I + 31) / 32, NB = (O + 15) / 16, RB = (R + 15) / 16, Ip = KB * 32;
     const int64_t MB = M / 16, pairs = M ? MB : (NB + 1) / 2, OY = M ? M : O;
     if (R == 0 || O == 0) return 0;
@@ -549,7 +549,11 @@ static int linear_amx(int64_t R, int64_t I, int64_t O, const bf16 *X, const bf16
                         for (int64_t r = 0; r < nrow; r++)
                             for (int64_t n = 0; n < no; n++) {
                                 const float v = acc[h][r * 16 + n];
-                                Y[(row0 + r) * O + o0 + n] = f2bf(bias ? v + bf2f(bias[o0 + n]) : v);
+                                const bf16 y = f2bf(bias ? v + bf2f(bias[o0 + n]) : v);
+                                if (Yf)
+                                    Yf[(row0 + r) * O + o0 + n] = bf2f(y);
+                                else
+                                    Y[(row0 + r) * O + o0 + n] = y;
                             }
                     }
                 }
@@ -562,13 +566,19 @@ static int linear_amx(int64_t R, int64_t I, int64_t O, const bf16 *X, const bf16
 }
 
 int tlt_linear_amx(int64_t R, int64_t I, int64_t O, const bf16 *X, const bf16 *P, const bf16 *bias, bf16 *Y) {
-    return linear_amx(R, I, O, X, P, bias, Y, 0);
+    return linear_amx(R, I, O, X, P, bias, Y, 0, NULL);
+}
+
+/* tlt_linear_amx with each bf16 result widened to float32 as it is stored (an LM head's logits): the values of
+ * linear_amx(...).float() without the bf16 tensor and the second pass. */
+int tlt_linear_amx_f32out(int64_t R, int64_t I, int64_t O, const bf16 *X, const bf16 *P, const bf16 *bias, float *Y) {
+    return linear_amx(R, I, O, X, P, bias, NULL, 0, Y);
 }
 
 /* Y [R, M] = silu(gate) * up of X [R, I] times the packed [gate; up] weight [2M, I]; M % 16 == 0 (else -2). */
 int tlt_linear_amx_silu(int64_t R, int64_t I, int64_t M, const bf16 *X, const bf16 *P, bf16 *Y) {
     if (M % 16) return -2;
-    return linear_amx(R, I, 2 * M, X, P, NULL, Y, M);
+    return linear_amx(R, I, 2 * M, X, P, NULL, Y, M, NULL);
 }
 #else
 int tlt_amx_init(void) { return 0; }
@@ -580,6 +590,11 @@ int tlt_linear_amx(int64_t R, int64_t I, int64_t O, const bf16 *X, const bf16 *P
 
 int tlt_linear_amx_silu(int64_t R, int64_t I, int64_t M, const bf16 *X, const bf16 *P, bf16 *Y) {
     (void)R, (void)I, (void)M, (void)X, (void)P, (void)Y;
+    return -1;
+}
+
+int tlt_linear_amx_f32out(int64_t R, int64_t I, int64_t O, const bf16 *X, const bf16 *P, const bf16 *bias, float *Y) {
+    (void)R, (void)I, (void)O, (void)X, (void)P, (void)bias, (void)Y;
     return -1;
 }
 #endif

@@ -109,6 +109,9 @@ def batch_invariant_supported(dtype: torch.dtype, device: torch.device, head_dim
 # same bits as the two steps): SmolLM2's [3072, 576] gate_up, two threads, 30 layers: 0.088-0.249 ms per layer at
 # 2-64 rows against 0.106-0.285 for the linear then `silu_mul`, equal at 1 row, slower from 128 rows on.
 AMX_SILU_ROWS = 96
+# The bf16 LM head on AMX up to this many rows, its float32 logits written by the kernel (no bf16 tensor and
+# `.float()` pass: 64 rows x 49152 logits are 12.6 MB of float32).
+AMX_HEAD_ROWS = 64
 
 
 def gate_up_silu(h: torch.Tensor, weights: tuple) -> torch.Tensor:
@@ -457,8 +460,13 @@ class DecoderLM(nn.Module):
             flat = hidden.reshape(rows, hidden.shape[-1]).contiguous()
             return kernels.linear_f32(flat, self.head_weight).view(*hidden.shape[:-1], self.head_weight.shape[0])
         if self.head_bf16 is not None and hidden.dtype == torch.bfloat16:
-            out = bf16_linear(hidden.reshape(rows, hidden.shape[-1]), self.head_bf16)
-            return out.float().view(*hidden.shape[:-1], self.head_weight.shape[0])
+            packed, weight, _, tiles = self.head_bf16
+            flat = hidden.reshape(rows, hidden.shape[-1])
+            if tiles is not None and (packed is None or 2 <= rows <= AMX_HEAD_ROWS):  # float32 straight from tiles
+                out = kernels.linear_amx(flat.contiguous(), tiles, weight.shape[0], float_out=True)
+            else:
+                out = bf16_linear(flat, self.head_bf16).float()
+            return out.view(*hidden.shape[:-1], self.head_weight.shape[0])
         if self.head_packed is not None:
             return packed_linear(hidden, self.head_packed).float()
         return F.linear(hidden, self.head_weight).float()
