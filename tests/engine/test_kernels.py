@@ -276,6 +276,7 @@ _ATTN_CASES = [  # B, T, heads, kv_heads, D, max_len, kv_len, row_start
     (2, 8, 9, 3, 64, 300, 299, 0),  # a verify pass
     (1, 17, 4, 4, 128, 50, 37, 2),  # more than 16 query vectors per (sequence, kv head); no GQA
     (4, 1, 8, 2, 32, 40, 33, 0),  # keys not a multiple of 16
+    (1, 70, 9, 3, 64, 96, 80, 0),  # more queries than one kernel call takes (ATTENTION_CHUNK): a prefill
 ]
 
 

@@ -463,6 +463,22 @@ def test_bf16_deterministic_inference_token_and_bit_identical(bf16_target_dir, t
     base.shutdown()
 
 
+@pytest.mark.skipif(not batch_invariant_supported(torch.bfloat16, torch.device("cpu"), 64),
+                    reason="batch-invariant bf16 kernels need AVX512-BF16 and the C kernels")
+def test_bf16_deterministic_request_does_not_depend_on_its_batch(bf16_target_dir):
+    """A request alone, and padded into a prefill and a decode batch with a longer and a shorter prompt: the same
+    tokens and log-prob bits with the flag (prefill attention included)."""
+    e = tlt.Engine(bf16_target_dir, dtype="bfloat16", random_seed=0, enable_deterministic_inference=True)
+    sp = {"temperature": 0.9, "sampling_seed": 2, "max_new_tokens": 20, "ignore_eos": True}
+    a = list(range(100, 137))
+    alone = e.generate(input_ids=[a], sampling_params=sp, return_logprob=True)[0]
+    batched = e.generate(input_ids=[list(range(500, 700)), a, list(range(900, 910))], sampling_params=sp,
+                         return_logprob=True)[1]
+    assert batched["output_ids"] == alone["output_ids"]
+    assert _lps(batched) == _lps(alone)
+    e.shutdown()
+
+
 def test_deterministic_inference_is_refused_where_it_cannot_hold(target_dir):
     with pytest.raises(ValueError, match="enable_deterministic_inference"):
         tlt.Engine(target_dir, dtype="float32", enable_deterministic_inference=True)

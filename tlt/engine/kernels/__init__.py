@@ -324,6 +324,7 @@ def linear_amx_silu(x: torch.Tensor, packed: torch.Tensor, half: int) -> torch.T
     return out
 
 ATTENTION_HEAD_DIMS = (32, 64, 128, 256)
+ATTENTION_CHUNK = 64  # queries per sequence per kernel call
 
 
 def attention_available(head_dim: int) -> bool:
@@ -357,11 +358,20 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, row
         mask = mask.contiguous()
     out = torch.empty_like(q)
     use_amx = amx_available() if amx is None else amx and amx_available()
-    rc = _lib.tlt_attention_bf16(B, T, nh, kvh, d, max_len, kv_len, q.data_ptr(), k_cache.data_ptr(),
-                                 v_cache.data_ptr(), row_start, None if mask is None else mask.data_ptr(),
-                                 d ** -0.5 if scale is None else scale, int(use_amx), int(ordered), out.data_ptr())
-    if rc == -1:
-        raise MemoryError("attention: no memory for the scores")
-    if rc != 0:
-        raise ValueError("attention: shapes the kernel does not take")
+    # Many queries (a batch-invariant prefill) go ATTENTION_CHUNK at a time, which bounds the scores' scratch memory
+    # and changes no bit: each query's result is independent of the others.
+    for t0 in range(0, T, ATTENTION_CHUNK):
+        t1 = min(T, t0 + ATTENTION_CHUNK)
+        qc = q if t1 - t0 == T else q[:, t0:t1].contiguous()
+        mc = mask if mask is None or t1 - t0 == T else mask[:, t0:t1].contiguous()
+        oc = out if t1 - t0 == T else torch.empty_like(qc)
+        rc = _lib.tlt_attention_bf16(B, t1 - t0, nh, kvh, d, max_len, kv_len, qc.data_ptr(), k_cache.data_ptr(),
+                                     v_cache.data_ptr(), row_start, None if mc is None else mc.data_ptr(),
+                                     d ** -0.5 if scale is None else scale, int(use_amx), int(ordered), oc.data_ptr())
+        if rc == -1:
+            raise MemoryError("attention: no memory for the scores")
+        if rc != 0:
+            raise ValueError("attention: shapes the kernel does not take")
+        if oc is not out:
+            out[:, t0:t1] = oc
     return out

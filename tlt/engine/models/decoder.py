@@ -435,7 +435,9 @@ class DecoderLM(nn.Module):
         check_kv_writes(rows, slots, k_caches[0])  # once per pass, not per layer
         if int(positions.min()) < 0 or int(positions.max()) >= self.rope.cos.shape[0]:
             raise IndexError("position outside the rotary table")
-        if T <= ATTENTION_KERNEL_T and kernels.attention_available(cfg.head_dim):
+        # Batch-invariant: prefill too (SDPA's blocking follows the padded length, so a prompt's K/V would depend on
+        # the prompts padded beside it).
+        if (T <= ATTENTION_KERNEL_T or self.batch_invariant) and kernels.attention_available(cfg.head_dim):
             mask = batch.mask.reshape(B, T, batch.kv_len)
         else:
             mask = additive_mask(batch.mask)
