@@ -236,7 +236,8 @@ class Linear(nn.Linear):
             if x.dtype == torch.bfloat16 and (self.bf16_kernel or self.amx_tiles is not None):
                 return bf16_linear(x.reshape(-1, x.shape[-1]), self.bf16_weights(), self.bias).view(
                     *x.shape[:-1], self.out_features)
-            return packed_linear(x, self.packed, self.bias)
+            if self.packed is not None:
+                return packed_linear(x, self.packed, self.bias)
         if self.fp32_kernel and x.dtype == torch.float32:
             rows = x.numel() // x.shape[-1]
             if rows <= FP32_KERNEL_ROWS:
