@@ -3,6 +3,8 @@ transformers' rounding order, and the fused model forward close to the pure-torc
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -360,3 +362,54 @@ def test_linear_amx_float_out_equals_widening_afterwards():
     for bias in (None, b):
         out = kernels.linear_amx(x, tiles, 100, bias, float_out=True)
         assert out.dtype == torch.float32 and torch.equal(out, kernels.linear_amx(x, tiles, 100, bias).float())
+
+
+@pytest.mark.skipif(not (kernels.linear_bf16_available() and kernels.attention_available(64)),
+                    reason="CPU without AVX512-BF16")
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_one_call_per_layer_gives_the_bits_of_fused_layer(tmp_path, smol_tokenizer_dir, monkeypatch, deterministic):
+    """`kernels.decoder_layer` (one C call per layer) against `fused_layer` (the kernels called from Python): the
+    same tokens and log-prob bits, for batch 1 (AVX512-BF16 linears), small batches (AMX) and speculative verify
+    passes."""
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
+    from tiny_models import make_tiny_checkpoint
+
+    import tlt
+    from tlt.engine.models.decoder import DecoderLM
+    from tlt.engine.spec.drafter import EagleDrafter
+
+    path = make_tiny_checkpoint(tmp_path / "m", "llama", smol_tokenizer_dir, seed=4, hidden_size=512,
+                                intermediate_size=1024, num_attention_heads=8, head_dim=64)
+    kw = dict(dtype="bfloat16", random_seed=0, enable_deterministic_inference=deterministic)
+    e = tlt.Engine(path, **kw)
+    EagleDrafter.random(e.model_config, seed=1, draft_vocab_size=4096).save(str(tmp_path / "d"))
+    e.shutdown()
+    sp = {"temperature": 0.8, "sampling_seed": 3, "max_new_tokens": 12, "ignore_eos": True}
+    prompts = [list(range(100, 130)), list(range(300, 310)), list(range(700, 745))]
+    calls = []
+    real_plan = DecoderLM._c_layer_plan
+
+    def counting_plan(self, *a):
+        plan = real_plan(self, *a)
+        calls.append(plan)
+        return plan
+
+    def run(plan_fn, **extra):
+        monkeypatch.setattr(DecoderLM, "_c_layer_plan", plan_fn)
+        eng = tlt.Engine(path, **kw, **extra)
+        outs = [eng.generate(input_ids=[prompts[0]], sampling_params=sp, return_logprob=True)[0]]
+        outs += eng.generate(input_ids=prompts, sampling_params=sp, return_logprob=True)
+        eng.shutdown()
+        return [(o["output_ids"], [lp for lp, _, _ in o["meta_info"]["output_token_logprobs"]]) for o in outs]
+
+    spec = dict(speculative_draft_model_path=str(tmp_path / "d"), speculative_num_steps=2, speculative_eagle_topk=2,
+                speculative_num_draft_tokens=4)
+    for extra in ({}, spec):
+        calls.clear()
+        fast = run(counting_plan, **extra)
+        modes = {p[0] for p in calls if p is not None}
+        # deterministic: AMX for every row count; verify passes of one sequence have 4 rows: AMX
+        assert modes == ({1} if extra or deterministic else {0, 1}), calls
+        assert fast == run(lambda self, *a: None, **extra)

@@ -54,6 +54,12 @@ _SIGNATURES = {
     "tlt_linear_amx_silu": [_i64, _i64, _i64, _ptr, _ptr, _ptr],
     "tlt_linear_amx_f32out": [_i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr],
     "tlt_seeded_gumbel_cols_f32": [_i64, _i64, _ptr, _ptr, _ptr],
+    # shapes (7), mode and gu_fused, x / delta / x_out / delta_out, input norm (weight, eps), qkv (w, tiles, bias),
+    # o (w, tiles), post norm (weight, eps), gate_up and down (w, tiles each), rotary tables, positions / rows /
+    # slots, K and V caches, max_len / row_start / kv_len, mask, scale, AMX attention, ordered sums
+    "tlt_decoder_layer_bf16": [_i64] * 7 + [ctypes.c_int] * 2 + [_ptr] * 4 + [_ptr, _f32] + [_ptr] * 5 + [_ptr, _f32]
+                              + [_ptr] * 4 + [_ptr] * 2 + [_ptr] * 3 + [_ptr] * 2 + [_i64] * 3
+                              + [_ptr, _f32, ctypes.c_int, ctypes.c_int],
     "tlt_attention_bf16": [_i64, _i64, _i64, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _i64, _ptr, _f32, ctypes.c_int,
                            ctypes.c_int, _ptr],
 }
@@ -96,6 +102,7 @@ def _build() -> ctypes.CDLL | None:
     lib.tlt_linear_amx.restype = ctypes.c_int
     lib.tlt_linear_amx_silu.restype = ctypes.c_int
     lib.tlt_linear_amx_f32out.restype = ctypes.c_int
+    lib.tlt_decoder_layer_bf16.restype = ctypes.c_int
     lib.tlt_linear_bf16_supported.argtypes, lib.tlt_linear_bf16_supported.restype = [], ctypes.c_int
     lib.tlt_attention_supported.argtypes, lib.tlt_attention_supported.restype = [], ctypes.c_int
     lib.tlt_attention_bf16.restype = ctypes.c_int
@@ -375,3 +382,26 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, row
         if oc is not out:
             out[:, t0:t1] = oc
     return out
+
+
+
+def decoder_layer(shape: tuple, mode: int, gu_fused: bool, x: torch.Tensor, delta: torch.Tensor | None,
+                  x_out: torch.Tensor, delta_out: torch.Tensor, weights: tuple, cos: torch.Tensor, sin: torch.Tensor,
+                  positions: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor, k_cache: torch.Tensor,
+                  v_cache: torch.Tensor, row_start: int, kv_len: int, mask: torch.Tensor, ordered: bool) -> None:
+    """One decoder layer in one C call (tlt_decoder_layer_bf16): what `fused_layer` computes with mode 0 (AVX512-BF16
+    linears) or 1 (AMX), bit for bit. Internal fast path: the caller (DecoderLM._forward_fused) has checked the
+    tensors once per pass; `weights` = `DecoderLM`'s per-layer pointer tuple (in_w, in_eps, w_qkv, t_qkv, b_qkv, w_o,
+    t_o, post_w, post_eps, w_gu, t_gu, w_down, t_down, intermediate size); x_out/delta_out are written."""
+    B, T, nh, kvh, d = shape
+    (in_w, in_eps, w_qkv, t_qkv, b_qkv, w_o, t_o, post_w, post_eps, w_gu, t_gu, w_down, t_down, inter) = weights
+    rc = _lib.tlt_decoder_layer_bf16(
+        B, T, x.shape[1], nh, kvh, d, inter, mode, int(gu_fused), x.data_ptr(), None if delta is None else
+        delta.data_ptr(), x_out.data_ptr(), delta_out.data_ptr(), in_w, in_eps, w_qkv, t_qkv, b_qkv, w_o, t_o, post_w,
+        post_eps, w_gu, t_gu, w_down, t_down, cos.data_ptr(), sin.data_ptr(), positions.data_ptr(), rows.data_ptr(),
+        slots.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[2], row_start, kv_len,
+        mask.data_ptr(), d ** -0.5, int(amx_available()), int(ordered))
+    if rc == -1:
+        raise MemoryError("decoder_layer: no memory for the layer's scratch")
+    if rc != 0:
+        raise ValueError("decoder_layer: shapes the kernels do not take")

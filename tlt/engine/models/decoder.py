@@ -365,6 +365,7 @@ class DecoderLM(nn.Module):
         self.rope: RotaryTable | None = None
         self.fused_cpu = False  # bf16 on CPU with the fused kernels built (set by pack_weights)
         self._fused_layers: list[tuple] | None = None
+        self._c_layers: list[tuple] | None = None
         # A token's results do not depend on the rows beside it in a pass, nor on the pass's kind (decode or
         # verify): one linear kernel for every row count, the attention kernel with ordered sums. Set before
         # pack_weights, and only where `batch_invariant_supported`.
@@ -403,6 +404,37 @@ class DecoderLM(nn.Module):
         self.fused_cpu = bool(enabled) and w.dtype == torch.bfloat16 and kernels.available()
         # The fused path reads each layer's tensors from one flat tuple: no nn.Module lookups per call.
         self._fused_layers = [layer.fused_tensors() for layer in self.layers] if self.fused_cpu else None
+        # ... and `kernels.decoder_layer` their addresses (the tuples above keep the tensors alive).
+        self._c_layers = None
+        if self._fused_layers is not None and kernels.linear_bf16_available() and not self.cfg.qk_norm:
+            def ptr(t):
+                return None if t is None else t.data_ptr()
+
+            self._c_layers = [
+                (ptr(in_w), in_eps, ptr(qkv[1]), ptr(qkv[3]), ptr(qkv_b), ptr(o[1]), ptr(o[3]), ptr(post_w), post_eps,
+                 ptr(gu[1]), ptr(gu[3]), ptr(down[1]), ptr(down[3]), gu[1].shape[0] // 2)
+                for in_w, in_eps, qkv, qkv_b, _, _, o, post_w, post_eps, gu, down in self._fused_layers]
+
+    def _c_layer_plan(self, N: int, T: int, mask) -> tuple[int, bool] | None:
+        """(linear mode, gate_up fused) when a pass can run each layer as one C call (`kernels.decoder_layer`):
+        every linear on the kernel `bf16_linear` would pick for N rows (AVX512-BF16: 0, AMX: 1), never oneDNN, and
+        attention on the attention kernel. None: the pass goes through `fused_layer`."""
+        if self._c_layers is None or mask is None or mask.dtype != torch.bool or T > kernels.ATTENTION_CHUNK:
+            return None
+        packed, _, avx, tiles = self._fused_layers[0][2]
+        if packed is None:
+            mode = 1 if tiles is not None else 0
+        elif avx and (N == 1 or (tiles is None and N <= BF16_KERNEL_ROWS)):
+            mode = 0
+        elif tiles is not None and N <= AMX_ROWS:
+            mode = 1
+        else:
+            return None
+        gu_packed, gu_w, _, gu_tiles = self._fused_layers[0][9]
+        fused = gu_tiles is not None and (gu_w.shape[0] // 2) % 16 == 0 and (gu_packed is None or N <= AMX_SILU_ROWS)
+        if not fused and mode == 1 and gu_tiles is None:
+            return None
+        return mode, fused
 
     @property
     def head_weight(self) -> torch.Tensor:
@@ -447,6 +479,21 @@ class DecoderLM(nn.Module):
         x = self.embed(input_ids).view(N, -1)
         delta = None
         captured = {}
+        plan = self._c_layer_plan(N, T, mask)
+        if plan is not None:  # one C call per layer, the same kernels as fused_layer
+            mask = mask.contiguous()
+            bufs = [(torch.empty_like(x), torch.empty_like(x)) for _ in range(2)]
+            for i, ptrs in enumerate(self._c_layers):
+                x_out, delta_out = bufs[i % 2]
+                kernels.decoder_layer(shape, plan[0], plan[1], x, delta, x_out, delta_out, ptrs, cos, sin, positions,
+                                      rows, slots, k_caches[i], v_caches[i], batch.row_start, batch.kv_len, mask,
+                                      self.batch_invariant)
+                x, delta = x_out, delta_out
+                if i in capture_layers:
+                    x, delta = x + delta, None  # bf16 add: the same rounding as the fused one
+                    captured[i] = x.view(B, T, -1)
+            _, out = kernels.add_rms_norm(x, delta, self.norm.weight, self.norm.eps)
+            return out.view(B, T, -1), [captured[i] for i in capture_layers]
         for i, tensors in enumerate(self._fused_layers):
             x, delta = fused_layer(x, delta, tensors, shape, cos, sin, positions, rows, slots, k_caches[i],
                                    v_caches[i], batch.row_start, batch.kv_len, mask, self.batch_invariant)
