@@ -458,7 +458,8 @@ class DecoderLM(nn.Module):
         return self.norm(x), [captured[i] for i in capture_layers]
 
     def _forward_fused(self, input_ids, batch: AttentionBatch, k_caches, v_caches, capture_layers):
-        """`forward` with every layer through `fused_layer` (bf16 on CPU)."""
+        """`forward` with every layer through `fused_layer` (bf16 on CPU), or as one C call per layer
+        (`kernels.decoder_layer`, the same kernels) where `_c_layer_plan` allows."""
         B, T = input_ids.shape
         N = B * T
         cfg = self.cfg
