@@ -459,6 +459,18 @@ typedef struct {
     uint8_t rows[16];
 } amx_tilecfg;
 
+/* This thread's tile configuration: tiles 0 .. n-1 of 16 rows x 64 bytes (every AMX kernel here uses that shape). */
+static void amx_load_config(int n) {
+    amx_tilecfg cfg;
+    memset(&cfg, 0, sizeof(cfg));
+    cfg.palette_id = 1;
+    for (int t = 0; t < n; t++) {
+        cfg.rows[t] = 16;
+        cfg.colsb[t] = 64;
+    }
+    _tile_loadconfig(&cfg);
+}
+
 /* Linux gives a process AMX state only on request (torch's oneDNN makes the same request). 1: granted. */
 int tlt_amx_init(void) {
     unsigned long bitmask = 0;
@@ -489,14 +501,7 @@ static int linear_amx(int64_t R, int64_t I, int64_t O, const bf16 *X, const bf16
     for (int64_t r = 0; r < R; r++) memcpy(Xp + r * Ip, X + r * I, (size_t)I * sizeof(bf16));
 #pragma omp parallel if (O * I >= PAR_MIN)
     {
-        amx_tilecfg cfg;
-        memset(&cfg, 0, sizeof(cfg));
-        cfg.palette_id = 1;
-        for (int t = 0; t < 8; t++) {
-            cfg.rows[t] = 16;
-            cfg.colsb[t] = 64;
-        }
-        _tile_loadconfig(&cfg);
+        amx_load_config(8);
         float acc[2][16 * 16] __attribute__((aligned(64)));
 #pragma omp for schedule(static)
         for (int64_t pair_i = 0; pair_i < pairs; pair_i++) {
@@ -857,16 +862,7 @@ int tlt_attention_bf16(int64_t B, int64_t T, int64_t nh, int64_t kvh, int64_t d,
             failed = 1;
         }
 #ifdef ATTENTION_AMX
-        if (use_amx) {
-            amx_tilecfg cfg;
-            memset(&cfg, 0, sizeof(cfg));
-            cfg.palette_id = 1;
-            for (int t = 0; t < 3; t++) {
-                cfg.rows[t] = 16;
-                cfg.colsb[t] = 64;
-            }
-            _tile_loadconfig(&cfg);
-        }
+        if (use_amx) amx_load_config(3);
 #endif
 #pragma omp for schedule(dynamic, 1)
         for (int64_t task = 0; task < tasks; task++) {

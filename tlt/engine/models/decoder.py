@@ -74,18 +74,29 @@ BF16_KERNEL_ROWS = 4
 AMX_ROWS = 32
 
 
+LINEAR_AVX, LINEAR_AMX, LINEAR_ONEDNN = 0, 1, 2  # 0 and 1: the `mode` of kernels.decoder_layer
+
+
+def bf16_linear_kind(weights: tuple, rows: int) -> int:
+    """Which kernel `bf16_linear` runs for `rows` rows with these weights (`Linear.bf16_weights()`)."""
+    packed, _, avx, tiles = weights
+    if packed is None:  # batch-invariant weights: one kernel whatever the row count
+        return LINEAR_AMX if tiles is not None else LINEAR_AVX
+    if avx and (rows == 1 or (tiles is None and rows <= BF16_KERNEL_ROWS)):
+        return LINEAR_AVX
+    if tiles is not None and rows <= AMX_ROWS:
+        return LINEAR_AMX
+    return LINEAR_ONEDNN
+
+
 def bf16_linear(x: torch.Tensor, weights: tuple, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [N, in] bf16 @ W^T (+ b); `weights` = (oneDNN-packed W, plain W, AVX512 kernel usable, AMX tiles or None)
     as `Linear.bf16_weights()` gives them: the few-row kernels where they are faster, oneDNN otherwise."""
-    packed, weight, avx, tiles = weights
-    rows = x.shape[0]
-    if packed is None:  # batch-invariant weights: one kernel whatever the row count
-        if tiles is not None:
-            return kernels.linear_amx(x.contiguous(), tiles, weight.shape[0], bias)
+    packed, weight, _, tiles = weights
+    kind = bf16_linear_kind(weights, x.shape[0])
+    if kind == LINEAR_AVX:
         return kernels.linear_bf16(x.contiguous(), weight, bias)
-    if avx and (rows == 1 or (tiles is None and rows <= BF16_KERNEL_ROWS)):
-        return kernels.linear_bf16(x.contiguous(), weight, bias)
-    if tiles is not None and rows <= AMX_ROWS:
+    if kind == LINEAR_AMX:
         return kernels.linear_amx(x.contiguous(), tiles, weight.shape[0], bias)
     return packed_linear(x, packed, bias)
 
@@ -116,11 +127,15 @@ AMX_HEAD_ROWS = 64
 
 def gate_up_silu(h: torch.Tensor, weights: tuple) -> torch.Tensor:
     """silu(h W_gate^T) * (h W_up^T) for the bf16 gate_up weights `weights` (`Linear.bf16_weights()`)."""
-    packed, weight, _, tiles = weights
-    half = weight.shape[0] // 2
-    if tiles is not None and half % 16 == 0 and (packed is None or h.shape[0] <= AMX_SILU_ROWS):
-        return kernels.linear_amx_silu(h.contiguous(), tiles, half)
+    if gate_up_fused(weights, h.shape[0]):
+        return kernels.linear_amx_silu(h.contiguous(), weights[3], weights[1].shape[0] // 2)
     return kernels.silu_mul(bf16_linear(h, weights))
+
+
+def gate_up_fused(weights: tuple, rows: int) -> bool:
+    """Whether `gate_up_silu` runs the fused AMX kernel for `rows` rows."""
+    packed, weight, _, tiles = weights
+    return tiles is not None and (weight.shape[0] // 2) % 16 == 0 and (packed is None or rows <= AMX_SILU_ROWS)
 
 
 def additive_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -421,20 +436,10 @@ class DecoderLM(nn.Module):
         attention on the attention kernel. None: the pass goes through `fused_layer`."""
         if self._c_layers is None or mask is None or mask.dtype != torch.bool or T > kernels.ATTENTION_CHUNK:
             return None
-        packed, _, avx, tiles = self._fused_layers[0][2]
-        if packed is None:
-            mode = 1 if tiles is not None else 0
-        elif avx and (N == 1 or (tiles is None and N <= BF16_KERNEL_ROWS)):
-            mode = 0
-        elif tiles is not None and N <= AMX_ROWS:
-            mode = 1
-        else:
+        kinds = {bf16_linear_kind(self._fused_layers[0][i], N) for i in (2, 6, 9, 10)}  # qkv, o, gate_up, down
+        if len(kinds) != 1 or LINEAR_ONEDNN in kinds:
             return None
-        gu_packed, gu_w, _, gu_tiles = self._fused_layers[0][9]
-        fused = gu_tiles is not None and (gu_w.shape[0] // 2) % 16 == 0 and (gu_packed is None or N <= AMX_SILU_ROWS)
-        if not fused and mode == 1 and gu_tiles is None:
-            return None
-        return mode, fused
+        return kinds.pop(), gate_up_fused(self._fused_layers[0][9], N)
 
     @property
     def head_weight(self) -> torch.Tensor:
