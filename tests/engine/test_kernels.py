@@ -413,3 +413,19 @@ def test_one_call_per_layer_gives_the_bits_of_fused_layer(tmp_path, smol_tokeniz
         # deterministic: AMX for every row count; verify passes of one sequence have 4 rows: AMX
         assert modes == ({1} if extra or deterministic else {0, 1}), calls
         assert fast == run(lambda self, *a: None, **extra)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_kv_move_equals_torch_indexing(dtype):
+    g = torch.Generator().manual_seed(0)
+    caches = [torch.randn(3, 2, 20, 8, generator=g).to(dtype) for _ in range(4)]
+    ref = [c.clone() for c in caches]
+    rows, dst, src = torch.tensor([0, 0, 2, 1]), torch.tensor([5, 6, 9, 3]), torch.tensor([7, 9, 12, 3])
+    for c in ref:
+        c[rows, :, dst] = c[rows, :, src]
+    kernels.kv_move(caches, rows, dst, src)
+    assert all(torch.equal(a, b) for a, b in zip(caches, ref))
+    with pytest.raises(IndexError):
+        kernels.kv_move(caches, rows, dst, torch.tensor([7, 9, 20, 3]))  # a slot past the cache
+    with pytest.raises(ValueError):
+        kernels.kv_move(caches + [torch.zeros(3, 2, 21, 8, dtype=dtype)], rows, dst, src)

@@ -11,6 +11,7 @@ import torch
 from tiny_models import make_tiny_checkpoint
 
 import tlt
+from tlt.engine import kernels
 from tlt.engine.models.decoder import batch_invariant_supported
 from tlt.engine.spec.drafter import EagleDrafter
 from tlt.engine.spec.tree import DraftTree, ancestor_matrix, select_tree, tree_attention_mask
@@ -227,6 +228,50 @@ def test_single_layer_folders_of_the_old_layout_load(base_engine, drafter_dir, t
 
 
 # ---------------------------------------------------------------------------------------------- trees
+@pytest.mark.skipif(not kernels.linear_bf16_available(), reason="CPU without AVX512-BF16")
+@pytest.mark.parametrize("num_layers", [1, 2])
+@pytest.mark.parametrize("B,T", [(1, 1), (2, 1), (2, 3), (1, 4), (3, 4)])
+def test_drafter_serve_is_bit_identical_to_forward(num_layers, B, T):
+    """`EagleDrafter.serve` (one C call per layer, norms and head on the kernels) = `forward`, bit for bit: the
+    feature, the float32 logits and the K/V it writes, for decode- and tree-shaped passes."""
+    from tlt.engine.models.decoder import AttentionBatch
+    from tlt.engine.models.model_config import ModelConfig
+    from tlt.engine.models.rope import RotaryTable
+
+    mc = ModelConfig(model_type="llama", vocab_size=300, hidden_size=128, intermediate_size=256, num_layers=4,
+                     num_heads=4, num_kv_heads=2, head_dim=32, rms_norm_eps=1e-5, rope_theta=10000.0,
+                     rope_scaling=None, tie_word_embeddings=True, attention_bias=False, qk_norm=False,
+                     max_position_embeddings=64)
+    d = EagleDrafter.random(mc, seed=2, draft_vocab_size=200, num_layers=num_layers).bfloat16().requires_grad_(False)
+    d.pack_weights()
+    rope = RotaryTable(32, 10000.0, None, 64, "cpu", torch.bfloat16)
+    g = torch.Generator().manual_seed(B * 10 + T)
+    L, base = 24, torch.tensor([9, 5, 12])[:B]
+    emb = (torch.randn(B, T, 128, generator=g) * 0.5).bfloat16()
+    feats = torch.randn(B, T, 128, generator=g).bfloat16()
+    positions = base.view(B, 1) + torch.tensor([0] + [1] * (T - 1)).view(1, T)  # a root and its children
+    slots = base.view(B, 1) + torch.arange(T).view(1, T)
+    rows = torch.arange(B).view(B, 1).expand(B, T)
+    key = torch.arange(L).view(1, 1, L)
+    mask = (key < base.view(B, 1, 1)) | (key == slots.view(B, T, 1)) | ((key == base.view(B, 1, 1))
+                                                                        & (torch.arange(T).view(1, T, 1) > 0))
+    mask = mask.unsqueeze(1)
+    caches = [torch.randn(B, 2, L, 32, generator=g).bfloat16() for _ in range(2 * num_layers)]
+    kv = {path: [c.clone() for c in caches] for path in ("forward", "serve")}
+    kf, vf = kv["forward"][:num_layers], kv["forward"][num_layers:]
+    ks, vs = kv["serve"][:num_layers], kv["serve"][num_layers:]
+    with torch.inference_mode():
+        cos, sin = rope.lookup(positions)
+        h_ref, logits_ref = d(emb, feats, cos, sin, kf, vf, AttentionBatch(0, positions, mask, L, rows, slots))
+        out = d.serve(emb, feats, positions, rows, slots, mask, L, ks, vs, rope)
+    assert out is not None
+    h, logits = out
+    assert logits.dtype == torch.float32 and torch.equal(h, h_ref) and torch.equal(logits, logits_ref)
+    assert all(torch.equal(a, b) for a, b in zip(kv["forward"], kv["serve"]))
+    assert d.serve(emb.repeat(1, 5, 1), feats.repeat(1, 5, 1), positions.repeat(1, 5), rows.repeat(1, 5),
+                   slots.repeat(1, 5), mask.repeat(1, 1, 5, 1), L, ks, vs, rope) is None or T * 5 <= 16
+
+
 def test_tree_mask_and_selection():
     parent = torch.tensor([[-1, 0, 0, 1, 3]])
     anc = ancestor_matrix(parent)

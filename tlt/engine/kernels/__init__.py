@@ -46,6 +46,7 @@ _SIGNATURES = {
     "tlt_rope_kv": [_i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64],
     "tlt_silu_mul": [_i64, _i64, _ptr, _ptr],
     "tlt_argmax_f32": [_i64, _i64, _ptr, _ptr],
+    "tlt_kv_move": [_i64, _ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr],
     "tlt_seeded_gumbel_f32": [_i64, _i64, _ptr, _ptr],
     "tlt_seeded_gumbel_argmax": [_i64, _i64, _ptr, _ptr, _ptr],
     "tlt_linear_f32": [_i64, _i64, _i64, _ptr, _ptr, _ptr],
@@ -187,6 +188,28 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     out = torch.empty((n, two_m // 2), dtype=gate_up.dtype)
     _lib.tlt_silu_mul(n, two_m // 2, gate_up.data_ptr(), out.data_ptr())
     return out
+
+
+def kv_move(caches: list[torch.Tensor], rows: torch.Tensor, dst: torch.Tensor, src: torch.Tensor) -> None:
+    """In every cache [R, kv_heads, max_len, D] (CPU, contiguous, one shape and dtype), copy slot src[i] of row rows[i]
+    to slot dst[i] for all kv heads, moves in order (int64 [n] each): `cache[rows, :, dst] = cache[rows, :, src]` for
+    all caches in one call."""
+    if not caches or len(rows) == 0:
+        return
+    c0 = caches[0]
+    R, kvh, max_len, d = c0.shape
+    if any(c.shape != c0.shape or c.dtype != c0.dtype or c.device.type != "cpu" or not c.is_contiguous()
+           for c in caches):
+        raise ValueError("kv_move: caches must be contiguous CPU tensors of one shape and dtype")
+    idx = [t.to(torch.int64).contiguous() for t in (rows, dst, src)]
+    if len({len(t) for t in idx}) != 1:
+        raise ValueError("kv_move: rows, dst and src must have one length")
+    if int(idx[0].min()) < 0 or int(idx[0].max()) >= R or min(int(t.min()) for t in idx[1:]) < 0 or max(
+            int(t.max()) for t in idx[1:]) >= max_len:
+        raise IndexError("kv_move: a row or slot outside the cache")
+    ptrs = torch.tensor([c.data_ptr() for c in caches], dtype=torch.int64)
+    _lib.tlt_kv_move(len(caches), ptrs.data_ptr(), kvh, max_len, d * c0.element_size(), len(idx[0]),
+                     *(t.data_ptr() for t in idx))
 
 
 def argmax(x: torch.Tensor) -> torch.Tensor:

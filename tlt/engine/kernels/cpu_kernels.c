@@ -151,6 +151,22 @@ static inline int64_t first_index_of_max(const float *x, int64_t v, float best, 
 
 /* First index of the maximum of each row of x [n, v] (float32), as torch's argmax: NaN counts as the
  * maximum (the first NaN wins). Parallel over rows; torch's CPU reduction here is single-threaded. */
+/* Moves inside KV caches [R, kvh, max_len, slot_bytes bytes], any dtype: for each of the `ncache` caches (addresses in
+ * `caches`) and each move i in order, slot src[i] of row rows[i] is copied to slot dst[i], every kv head. A speculative
+ * round's accepted tree nodes go from their tree slots to their sequence positions: one call for all layers instead of
+ * two torch indexing ops per cache. The caller checks the indices. */
+void tlt_kv_move(int64_t ncache, const int64_t *caches, int64_t kvh, int64_t max_len, int64_t slot_bytes, int64_t n,
+                 const int64_t *rows, const int64_t *dst, const int64_t *src) {
+    for (int64_t c = 0; c < ncache; c++) {
+        char *base = (char *)(intptr_t)caches[c];
+        for (int64_t i = 0; i < n; i++)
+            for (int64_t h = 0; h < kvh; h++) {
+                char *head = base + (rows[i] * kvh + h) * max_len * slot_bytes;
+                memmove(head + dst[i] * slot_bytes, head + src[i] * slot_bytes, (size_t)slot_bytes);
+            }
+    }
+}
+
 void tlt_argmax_f32(int64_t n, int64_t v, const float *x, int64_t *out) {
 #pragma omp parallel for schedule(static) if (n * v >= 4 * PAR_MIN)
     for (int64_t r = 0; r < n; r++) {

@@ -202,6 +202,30 @@ FP32_KERNEL_ROWS = 64
 FP32_HEAD_KERNEL_ROWS = 8
 
 
+def c_layer_pointers(tensors: tuple) -> tuple:
+    """A layer's `fused_tensors()` -> the pointer tuple `kernels.decoder_layer` takes (the tensors must outlive it)."""
+    in_w, in_eps, qkv, qkv_b, _, _, o, post_w, post_eps, gu, down = tensors
+
+    def ptr(t):
+        return None if t is None else t.data_ptr()
+
+    return (ptr(in_w), in_eps, ptr(qkv[1]), ptr(qkv[3]), ptr(qkv_b), ptr(o[1]), ptr(o[3]), ptr(post_w), post_eps,
+            ptr(gu[1]), ptr(gu[3]), ptr(down[1]), ptr(down[3]), gu[1].shape[0] // 2)
+
+
+def c_layer_plan(tensors: tuple, N: int, T: int, mask) -> tuple[int, bool] | None:
+    """(linear mode, gate_up fused) when a pass of N rows (T per sequence) can run a layer with these `fused_tensors()`
+    as one C call (`kernels.decoder_layer`): every linear on the kernel `bf16_linear` would pick for N rows
+    (AVX512-BF16: 0, AMX: 1), never oneDNN, and attention on the attention kernel (a bool mask). None: the pass goes
+    through `fused_layer`."""
+    if mask is None or mask.dtype != torch.bool or T > kernels.ATTENTION_CHUNK:
+        return None
+    kinds = {bf16_linear_kind(tensors[i], N) for i in (2, 6, 9, 10)}  # qkv, o, gate_up, down
+    if len(kinds) != 1 or LINEAR_ONEDNN in kinds:
+        return None
+    return kinds.pop(), gate_up_fused(tensors[9], N)
+
+
 def cpu_fp32(dtype: torch.dtype, device: torch.device) -> bool:
     """float32 on CPU: Linear reads few rows through `kernels.linear_f32` (or a transposed weight copy), the LM
     head has a oneDNN-packed copy."""
@@ -422,24 +446,12 @@ class DecoderLM(nn.Module):
         # ... and `kernels.decoder_layer` their addresses (the tuples above keep the tensors alive).
         self._c_layers = None
         if self._fused_layers is not None and kernels.linear_bf16_available() and not self.cfg.qk_norm:
-            def ptr(t):
-                return None if t is None else t.data_ptr()
-
-            self._c_layers = [
-                (ptr(in_w), in_eps, ptr(qkv[1]), ptr(qkv[3]), ptr(qkv_b), ptr(o[1]), ptr(o[3]), ptr(post_w), post_eps,
-                 ptr(gu[1]), ptr(gu[3]), ptr(down[1]), ptr(down[3]), gu[1].shape[0] // 2)
-                for in_w, in_eps, qkv, qkv_b, _, _, o, post_w, post_eps, gu, down in self._fused_layers]
+            self._c_layers = [c_layer_pointers(t) for t in self._fused_layers]
 
     def _c_layer_plan(self, N: int, T: int, mask) -> tuple[int, bool] | None:
-        """(linear mode, gate_up fused) when a pass can run each layer as one C call (`kernels.decoder_layer`):
-        every linear on the kernel `bf16_linear` would pick for N rows (AVX512-BF16: 0, AMX: 1), never oneDNN, and
-        attention on the attention kernel. None: the pass goes through `fused_layer`."""
-        if self._c_layers is None or mask is None or mask.dtype != torch.bool or T > kernels.ATTENTION_CHUNK:
+        if self._c_layers is None:
             return None
-        kinds = {bf16_linear_kind(self._fused_layers[0][i], N) for i in (2, 6, 9, 10)}  # qkv, o, gate_up, down
-        if len(kinds) != 1 or LINEAR_ONEDNN in kinds:
-            return None
-        return kinds.pop(), gate_up_fused(self._fused_layers[0][9], N)
+        return c_layer_plan(self._fused_layers[0], N, T, mask)
 
     @property
     def head_weight(self) -> torch.Tensor:

@@ -21,7 +21,22 @@ import torch
 from torch import nn
 
 from tlt.engine import kernels
-from tlt.engine.models.decoder import AttentionBatch, DecoderLayer, Linear, RMSNorm, cpu_fp32, cpu_packing_supported
+from tlt.engine.models.decoder import (
+    AMX_HEAD_ROWS,
+    ATTENTION_KERNEL_T,
+    LINEAR_AMX,
+    AttentionBatch,
+    DecoderLayer,
+    Linear,
+    RMSNorm,
+    bf16_linear,
+    bf16_linear_kind,
+    c_layer_plan,
+    c_layer_pointers,
+    check_kv_writes,
+    cpu_fp32,
+    cpu_packing_supported,
+)
 from tlt.engine.models.model_config import ModelConfig
 
 FORMAT = "tlt-eagle3-drafter-v1"
@@ -69,6 +84,8 @@ class EagleDrafter(nn.Module):
         self.norm = RMSNorm(H, target.rms_norm_eps)
         self.lm_head = Linear(H, cfg.draft_vocab_size, bias=False)
         self.register_buffer("d2t", torch.arange(cfg.draft_vocab_size), persistent=True)
+        self._fused: list[tuple] | None = None  # set by pack_weights for `serve`
+        self._c_layers: list[tuple] | None = None
 
     def fuse(self, aux_hidden: list[torch.Tensor]) -> torch.Tensor:
         """Target hidden states of the three aux layers [..., H] x 3 -> feature [..., H]."""
@@ -101,6 +118,54 @@ class EagleDrafter(nn.Module):
                 m.pack(enabled)
         for layer in self.layers:
             layer.fused = enabled and w.dtype == torch.bfloat16 and kernels.available()
+        # `serve`: each layer as one C call (kernels.decoder_layer), the norms and the head on the kernels too.
+        self._fused = self._c_layers = None
+        if self.layers[0].fused and kernels.linear_bf16_available():
+            self._fused = [layer.fused_tensors() for layer in self.layers]
+            self._c_layers = [c_layer_pointers(t) for t in self._fused]
+
+    def serve(self, token_embeds: torch.Tensor, features: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor,
+              slots: torch.Tensor, mask: torch.Tensor, kv_len: int, k_caches, v_caches, rope,
+              row_start: int = 0) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """`forward` for a serving pass, in a handful of C calls instead of ~60 torch ops: the norms on
+        `kernels.add_rms_norm`, each layer as one `kernels.decoder_layer` call, the head's float32 logits from the AMX
+        kernel. The same values as `forward`, bit for bit (tests/engine/test_spec.py). positions/rows/slots [B, T]:
+        rotary positions, KV rows and slots; mask bool [B, 1, T, kv_len]; rope: the target's `RotaryTable`.
+        None when this pass cannot take that path (not packed for it, too many queries, a linear on oneDNN): call
+        `forward` then."""
+        B, T, H = token_embeds.shape
+        N = B * T
+        if self._c_layers is None or T > ATTENTION_KERNEL_T or not kernels.attention_available(self.layer_cfg.head_dim):
+            return None
+        mask = mask.reshape(B, T, kv_len)
+        plan = c_layer_plan(self._fused[0], N, T, mask)
+        if plan is None:
+            return None
+        positions, rows, slots = (t.reshape(N).contiguous() for t in (positions, rows, slots))
+        check_kv_writes(rows, slots, k_caches[0])
+        if int(positions.min()) < 0 or int(positions.max()) >= rope.cos.shape[0]:
+            raise IndexError("position outside the rotary table")
+        _, e = kernels.add_rms_norm(token_embeds.reshape(N, H).contiguous(), None, self.emb_norm.weight,
+                                    self.emb_norm.eps)
+        _, f = kernels.add_rms_norm(features.reshape(N, H).contiguous(), None, self.feat_norm.weight,
+                                    self.feat_norm.eps)
+        x = bf16_linear(torch.cat([e, f], dim=-1), self.in_proj.bf16_weights())
+        delta = None
+        mask = mask.contiguous()
+        cfg = self.layer_cfg
+        shape = (B, T, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+        for ptrs, k_cache, v_cache in zip(self._c_layers, k_caches, v_caches, strict=True):
+            x_out, delta_out = torch.empty_like(x), torch.empty_like(x)
+            kernels.decoder_layer(shape, plan[0], plan[1], x, delta, x_out, delta_out, ptrs, rope.cos, rope.sin,
+                                  positions, rows, slots, k_cache, v_cache, row_start, kv_len, mask, False)
+            x, delta = x_out, delta_out
+        h, normed = kernels.add_rms_norm(x, delta, self.norm.weight, self.norm.eps)  # h = x + delta, as `forward`
+        weights = self.lm_head.bf16_weights()
+        if bf16_linear_kind(weights, N) == LINEAR_AMX and 2 <= N <= AMX_HEAD_ROWS:
+            logits = kernels.linear_amx(normed, weights[3], self.cfg.draft_vocab_size, float_out=True)
+        else:
+            logits = bf16_linear(normed, weights).float()
+        return h.view(B, T, H), logits.view(B, T, -1)
 
     def unpacked_copy(self) -> EagleDrafter:
         """A deep copy (same dtype, device, requires_grad) without the inference weight copies of `pack_weights`:

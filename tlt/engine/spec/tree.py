@@ -24,10 +24,14 @@ def ancestor_matrix(parent: torch.Tensor) -> torch.Tensor:
     """[B, N] parents (topological order) -> [B, N, N] bool: anc[b, i, j] = j is i or an ancestor of i."""
     B, N = parent.shape
     anc = torch.eye(N, dtype=torch.bool, device=parent.device).repeat(B, 1, 1)
-    for i in range(1, N):
-        p = parent[:, i].clamp(min=0)
-        has = (parent[:, i] >= 0).view(B, 1)
-        anc[:, i] |= anc[torch.arange(B, device=parent.device), p] & has
+    # Climb one level per step, all nodes at once: as many steps as the tree is deep, not one per node.
+    cur = torch.arange(N, device=parent.device).expand(B, N)
+    for _ in range(N - 1):  # parents come first: no chain is longer
+        cur = torch.where(cur >= 0, parent.gather(1, cur.clamp(min=0)), cur)
+        up = cur >= 0
+        if not bool(up.any()):
+            break
+        anc |= torch.zeros_like(anc).scatter_(2, cur.clamp(min=0).unsqueeze(-1), up.unsqueeze(-1))
     return anc
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tlt.engine import kernels
 from tlt.engine.models.decoder import AttentionBatch, DecoderLM
 from tlt.engine.spec.drafter import EagleDrafter
 from tlt.engine.spec.tree import DraftTree, ancestor_matrix, select_tree, tree_attention_mask
@@ -128,11 +129,14 @@ class SpecWorker:
     def _drafter_forward(self, tokens, feats, positions, slots, mask, kv_len):
         B, T = tokens.shape
         rows = torch.arange(B, device=self.device).view(B, 1).expand(B, T)
+        emb = self.model.embed(tokens)
+        k_caches, v_caches = self.kv.k[self.drafter_layers], self.kv.v[self.drafter_layers]
+        out = self.drafter.serve(emb, feats, positions, rows, slots, mask, kv_len, k_caches, v_caches, self.model.rope)
+        if out is not None:
+            return out
         batch = AttentionBatch(0, positions, mask, kv_len, rows, slots)
         cos, sin = self.model.rope.lookup(positions)
-        emb = self.model.embed(tokens)
-        return self.drafter(emb, feats, cos, sin, self.kv.k[self.drafter_layers], self.kv.v[self.drafter_layers],
-                            batch)
+        return self.drafter(emb, feats, cos, sin, k_caches, v_caches, batch)
 
     # ------------------------------------------------------------------ draft
     @torch.inference_mode()
@@ -228,6 +232,9 @@ class SpecWorker:
         r = torch.tensor(rows, device=self.device)
         d = torch.tensor(dst, device=self.device)
         s_ = torch.tensor(src, device=self.device)
-        for layer in range(self.layer):  # target layers only; the drafter catches up separately
-            for cache in (self.kv.k[layer], self.kv.v[layer]):
-                cache[r, :, d] = cache[r, :, s_]
+        caches = self.kv.k[: self.layer] + self.kv.v[: self.layer]  # target layers only; the drafter catches up
+        if self.device.type == "cpu" and kernels.available():
+            kernels.kv_move(caches, r, d, s_)
+            return
+        for cache in caches:
+            cache[r, :, d] = cache[r, :, s_]
