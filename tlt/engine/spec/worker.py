@@ -152,41 +152,45 @@ class SpecWorker:
         first = torch.tensor([s.draft_start for s in seqs], device=dev).view(B, 1, 1)  # first visible position
         if coupling is not None:
             root_logp = coupling.perturb(root_logp, 0)
-        top_lp, top_id = root_logp.topk(k, dim=-1)  # [B, k]
-        cand_tok, cand_score = [top_id], [top_lp]
-        cand_parent = [torch.full((B, k), -1, dtype=torch.int64, device=dev)]
-        cand_depth = [torch.ones((B, k), dtype=torch.int64, device=dev)]
+        # Candidates in generation order, written in place: k children of the root, then k * k per step.
+        C = k + (cfg.num_steps - 1) * k * k
+        cand_tok = torch.empty((B, C), dtype=torch.int64, device=dev)
+        cand_score = torch.empty((B, C), dtype=root_logp.dtype, device=dev)
+        cand_parent = torch.full((B, C), -1, dtype=torch.int64, device=dev)
+        cand_depth = torch.ones((B, C), dtype=torch.int64, device=dev)
+        cand_score[:, :k], cand_tok[:, :k] = root_logp.topk(k, dim=-1)
         frontier = torch.arange(k, device=dev).expand(B, k)  # candidate ids of the frontier
         front_h = root_h.unsqueeze(1).expand(B, k, -1)  # parent features of the frontier
         n_cand = k
-        # The frontier's ancestors among the nodes already run through the drafter, as [B, k, S] masks over
-        # their drafter slots (base + 0 .. S-1); the root's entry lies in the prefix.
+        # The drafter's attention mask for every step, over the round's widest key range: each row's visible prefix,
+        # then the frontier's ancestors among the nodes already run (drafter slots base + 0 .. S-1; the root's entry
+        # lies in the prefix) scattered in. Keys past a query's last visible one cost the kernel nothing.
+        S_max = (cfg.num_steps - 1) * k
+        kv_len = int(base.max()) + S_max
+        key = torch.arange(kv_len, device=dev).view(1, 1, kv_len)
+        prefix = ((key < base.view(B, 1, 1)) & (key >= first)).expand(B, k, kv_len)
+        node_slots = base.view(B, 1, 1) + torch.arange(S_max, device=dev).view(1, 1, S_max)
+        own = torch.eye(k, dtype=torch.bool, device=dev).expand(B, k, k)
         anc_slots = torch.zeros((B, k, 0), dtype=torch.bool, device=dev)
         for step in range(2, cfg.num_steps + 1):
             off = (step - 2) * k
-            tokens = d2t[torch.cat(cand_tok, 1).gather(1, frontier)]
-            positions = (base + step - 2).view(B, 1).expand(B, k)
-            slots = base.view(B, 1) + off + torch.arange(k, device=dev).view(1, k)
             S = off + k
-            own = torch.zeros((B, k, S), dtype=torch.bool, device=dev)
-            own[:, torch.arange(k), off + torch.arange(k)] = True
-            anc_all = torch.cat([anc_slots, torch.zeros((B, k, k), dtype=torch.bool, device=dev)], 2) | own
-            kv_len = int(base.max()) + S
-            key = torch.arange(kv_len, device=dev).view(1, 1, kv_len)
-            rel = key - base.view(B, 1, 1)
-            tree = torch.gather(anc_all, 2, rel.clamp(0, S - 1).expand(B, k, kv_len)) & (rel >= 0) & (rel < S)
-            mask = (((key < base.view(B, 1, 1)) & (key >= first)) | tree).unsqueeze(1)
+            tokens = d2t[cand_tok.gather(1, frontier)]
+            positions = (base + step - 2).view(B, 1).expand(B, k)
+            slots = node_slots[:, 0, off:S]
+            anc_all = torch.cat([anc_slots, own], 2)  # [B, k, S]: ancestors, and each node itself
+            mask = prefix.clone().scatter_(2, node_slots[:, :, :S].expand(B, k, S), anc_all).unsqueeze(1)
             h, logits = self._drafter_forward(tokens, front_h, positions, slots, mask, kv_len)
             logp = torch.log_softmax(logits, dim=-1)  # [B, k, Vd]
             if coupling is not None:  # children of depth step-1 nodes: the target samples them with noise step-1
                 logp = coupling.perturb(logp, step - 1)
             c_lp, c_id = logp.topk(k, dim=-1)  # [B, k, k]
-            parent_score = torch.cat(cand_score, 1).gather(1, frontier)  # [B, k]
-            score = (parent_score.unsqueeze(-1) + c_lp).reshape(B, k * k)
-            cand_tok.append(c_id.reshape(B, k * k))
-            cand_score.append(score)
-            cand_parent.append(frontier.unsqueeze(-1).expand(B, k, k).reshape(B, k * k))
-            cand_depth.append(torch.full((B, k * k), step, dtype=torch.int64, device=dev))
+            score = (cand_score.gather(1, frontier).unsqueeze(-1) + c_lp).view(B, k * k)
+            new = slice(n_cand, n_cand + k * k)
+            cand_tok[:, new] = c_id.view(B, k * k)
+            cand_score[:, new] = score
+            cand_parent[:, new] = frontier.unsqueeze(-1).expand(B, k, k).reshape(B, k * k)
+            cand_depth[:, new] = step
             # Next frontier: the k best new children; their ancestors = parent's ancestors + parent.
             best = score.topk(k, dim=-1).indices  # [B, k] in [0, k*k)
             parent_local = best // k
@@ -194,8 +198,7 @@ class SpecWorker:
             front_h = torch.gather(h, 1, parent_local.unsqueeze(-1).expand(B, k, h.shape[-1]))
             frontier = n_cand + best
             n_cand += k * k
-        tree = select_tree(d2t[torch.cat(cand_tok, 1)], torch.cat(cand_score, 1), torch.cat(cand_parent, 1),
-                           torch.cat(cand_depth, 1), cfg.num_draft_tokens)
+        tree = select_tree(d2t[cand_tok], cand_score, cand_parent, cand_depth, cfg.num_draft_tokens)
         tree.tokens[:, 0] = torch.tensor([s.output_ids[-1] for s in seqs], device=dev)
         return tree
 
