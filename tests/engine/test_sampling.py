@@ -421,3 +421,19 @@ def test_kept_set_over_the_top_candidates_equals_a_full_sort():
             used_fallback |= bool((n_kept > 200).any())
             used_candidates |= bool((n_kept < 200).any())
     assert used_fallback and used_candidates  # both paths were exercised
+
+
+@pytest.mark.skipif(not kernels.available(), reason="no C compiler: fused CPU kernels not built")
+def test_seeded_gumbel_argmax_with_shared_streams_draws_the_fused_tokens():
+    """Rows that share a stream (a speculative round's nodes of one depth) get each stream's noise once: the same
+    tokens as the fused per-row draw, ties and NaN included."""
+    from tlt.engine.sampling import seeded_gumbel_argmax, stream_states
+
+    g = torch.Generator().manual_seed(0)
+    states = stream_states([(7, 0, p) for p in (3, 4, 4, 5, 5, 5, 3, 6)])
+    x = torch.randn(8, 5000, generator=g) * 4
+    x[2, 100:110] = 30.0  # ties: the first index wins
+    x[5, 42] = float("nan")
+    got = seeded_gumbel_argmax(x, states)
+    assert torch.equal(got, kernels.seeded_gumbel_argmax(x, states))
+    assert int(got[5]) == 42
