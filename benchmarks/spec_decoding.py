@@ -247,7 +247,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, metavar="STEPS,TOPK[,NDT]",
                    help="speculative configs (default: %(default)s)")
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--min-prompts", type=int, default=4, help="prompts per batch size at least (in batches)")
+    p.add_argument("--min-prompts", type=int, default=8, help="prompts per batch size at least (in batches)")
     p.add_argument("--seed", type=int, default=1234, help="T=1: prompt i uses sampling_seed seed + i")
     # One thread: on a shared 2-core machine two OpenMP threads stall at every barrier while another
     # process holds a core (measured 2.7x slower at batch 1 here); 0 lets torch choose.
