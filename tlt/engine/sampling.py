@@ -143,12 +143,6 @@ def seeded_gumbel_argmax(x: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
     """First argmax of x [n, V] (float32) + the noise of each row's stream (`gumbel_of_states`): one fused
     pass on CPU with the kernels, the noise materialised otherwise (the same sums, so the same tokens)."""
     if x.device.type == "cpu" and x.dtype == torch.float32 and kernels.available():
-        if len(states) > 1:
-            # A speculative round's tree nodes of one depth share their output position's stream: each stream's
-            # noise once (it costs more than the add and the argmax), e.g. 5 streams for 16 nodes of depth <= 4.
-            uniq, inverse = torch.unique(states, return_inverse=True)
-            if len(uniq) < len(states):
-                return first_argmax(x + kernels.seeded_gumbel(uniq, x.shape[-1])[inverse])
         return kernels.seeded_gumbel_argmax(x.contiguous(), states.contiguous())
     return first_argmax(x + gumbel_of_states(states, x.shape[-1]).to(x.device))
 

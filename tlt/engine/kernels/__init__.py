@@ -48,7 +48,7 @@ _SIGNATURES = {
     "tlt_argmax_f32": [_i64, _i64, _ptr, _ptr],
     "tlt_kv_move": [_i64, _ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr],
     "tlt_seeded_gumbel_f32": [_i64, _i64, _ptr, _ptr],
-    "tlt_seeded_gumbel_argmax": [_i64, _i64, _ptr, _ptr, _ptr],
+    "tlt_seeded_gumbel_argmax": [_i64, _i64, _ptr, _ptr, _ptr, ctypes.c_int],
     "tlt_linear_f32": [_i64, _i64, _i64, _ptr, _ptr, _ptr],
     "tlt_linear_bf16": [_i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr],
     "tlt_linear_amx": [_i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr],
@@ -248,9 +248,11 @@ def seeded_gumbel_cols(states: torch.Tensor, cols: torch.Tensor) -> torch.Tensor
     return out
 
 
-def seeded_gumbel_argmax(x: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+def seeded_gumbel_argmax(x: torch.Tensor, states: torch.Tensor, skip: bool = True) -> torch.Tensor:
     """First argmax of x [n, v] (float32) + each row's stream noise, without materialising the noise:
-    equal to argmax(x + seeded_gumbel(states, v)) -> int64 [n]."""
+    equal to argmax(x + seeded_gumbel(states, v)) -> int64 [n]. `skip`: compute only the noise that can decide the
+    draw (tokens near the row's best score, or with a noise large enough to reach it: the same token, proven in
+    tlt_seeded_gumbel_argmax and tested against skip=False)."""
     _check()
     _check_states(states)
     if x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous() or x.dim() != 2:
@@ -258,7 +260,8 @@ def seeded_gumbel_argmax(x: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
     if states.shape[0] != x.shape[0]:
         raise ValueError("one stream state per row")
     out = torch.empty(x.shape[0], dtype=torch.int64)
-    _lib.tlt_seeded_gumbel_argmax(x.shape[0], x.shape[1], x.data_ptr(), states.data_ptr(), out.data_ptr())
+    _lib.tlt_seeded_gumbel_argmax(x.shape[0], x.shape[1], x.data_ptr(), states.data_ptr(), out.data_ptr(),
+                                  int(skip))
     return out
 
 
