@@ -70,8 +70,12 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
 # per pass). `kernels.linear_bf16` (AVX512-BF16) streams them for one row (8.3 ms) but is arithmetic-bound above
 # 4; `kernels.linear_amx` (AMX tiles, tlt's own packing) takes ~9.3 ms for 2-16 rows and 11.3 ms at 32. So: one
 # row AVX512, 2..AMX_ROWS rows AMX, more rows oneDNN (without AMX: AVX512 up to BF16_KERNEL_ROWS rows).
+# AMX_ROWS was 32 until the whole layer became one C call (`kernels.decoder_layer`, AMX passes only): since then
+# 33-64 rows gain from it too (whole decode steps, two threads, alternating runs: batch 48 1025-1035 -> 1179-1201
+# tok/s, batch 64 1063-1135 -> 1166-1206; one thread, a tree s4k2n8 round at batch 8 = 64 rows: +9-11%), while at
+# 96-128 rows oneDNN stays as fast or faster.
 BF16_KERNEL_ROWS = 4
-AMX_ROWS = 32
+AMX_ROWS = 64
 
 
 LINEAR_AVX, LINEAR_AMX, LINEAR_ONEDNN = 0, 1, 2  # 0 and 1: the `mode` of kernels.decoder_layer
