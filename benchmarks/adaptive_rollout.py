@@ -3,7 +3,7 @@
     python -m benchmarks.adaptive_rollout --json benchmarks/results/adaptive_rollout.json
     tlt bench adaptive --json benchmarks/results/adaptive_rollout.json [--drafter DIR]
 
-The workload is an RL rollout step: `--prompts` prompts (`--task`, see `task_prompts`) x `--n` samples at
+The workload is an RL rollout step: `--prompts` prompts (`--task`, see `common.task_prompts`) x `--n` samples at
 temperature `--temperature`, every sample its own `sampling_seed`, all submitted at once. Each sample's
 `max_new_tokens` is drawn from a Pareto distribution (`--min-tokens`, `--alpha`, capped at `--max-tokens`)
 by a fixed seed: most answers are short, a few are long, and the batch shrinks from hundreds of sequences to
@@ -32,7 +32,7 @@ import argparse
 import os
 import time
 
-from benchmarks.common import chat_prompts, machine, write_json
+from benchmarks.common import machine, task_prompts, write_json
 
 DEFAULT_ARMS = "s2k1n3,s3k1n4,s4k2n8"
 
@@ -43,19 +43,6 @@ def heavy_tail_lengths(count: int, lo: int, alpha: float, hi: int, seed: int) ->
 
     rng = random.Random(seed)
     return [min(int(lo * (1.0 - rng.random()) ** (-1.0 / alpha)), hi) for _ in range(count)]
-
-
-def task_prompts(tokenizer, kind: str, count: int, seed: int) -> list[list[int]]:
-    """'chat': the benchmark's chat prompts; 'arithmetic': word problems from the family the drafter was
-    trained on (tlt.drafter_sync.prompts), with a seed of their own so no instance was seen in training —
-    the RL situation, where the drafter learns the task's rollouts."""
-    if kind == "chat":
-        return chat_prompts(tokenizer, count)
-    from tlt.drafter_sync.prompts import arithmetic_prompts
-
-    return [tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
-                                                           add_generation_prompt=True))
-            for q in arithmetic_prompts(count, 10_000 + seed)]
 
 
 def _requests(prompts, n: int, temperature: float, lengths: list[int], seed: int, ignore_eos: bool = True):
@@ -131,7 +118,7 @@ def bench(model_path, drafter: str, arms: list[str], kind: str, prompts: int, n:
                         speculative_adaptive=True, speculative_arms=arms, speculative_epsilon=epsilon,
                         speculative_selector=policy, max_running_requests=max(prompts * n, 1),
                         enable_deterministic_inference=deterministic)
-    ps = task_prompts(engine.tokenizer, kind, prompts, seed)
+    ps = task_prompts(engine.tokenizer, kind, prompts, 10_000 + seed)  # arithmetic: a seed no training set used
     lengths = heavy_tail_lengths(prompts * n, min_tokens, alpha, max_tokens, seed)
     ids, sps = _requests(ps, n, temperature, lengths, seed, ignore_eos)
     log(f"workload: {prompts} {kind} prompts x n={n}, T={temperature}, max_new_tokens Pareto(alpha={alpha}) "
@@ -219,7 +206,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-path", default=None)
     p.add_argument("--drafter", default="benchmarks/drafters/smollm2", help="drafter folder (tlt train-drafter)")
     p.add_argument("--arms", default=DEFAULT_ARMS, help="comma-separated static arms, e.g. s3k1n4,s4k2n8")
-    p.add_argument("--task", default="arithmetic", choices=["arithmetic", "chat"], help="see task_prompts")
+    p.add_argument("--task", default="arithmetic", choices=["arithmetic", "chat"], help="see common.task_prompts")
     p.add_argument("--prompts", type=int, default=64)
     p.add_argument("--n", type=int, default=4)
     p.add_argument("--temperature", type=float, default=1.0)

@@ -13,6 +13,9 @@ TOPICS = [
     "how vaccines work", "climate change", "the stock market", "quantum computing", "honey bees",
     "the moon landing", "electric cars", "the printing press", "coral reefs", "the immune system",
 ]
+# Arithmetic prompts of the speculative benchmark and `drafter_eval`: a seed no training set uses.
+ARITHMETIC_SEED = 777
+
 STYLES = ["Explain", "Write a short story about", "List three facts about", "Describe"]
 
 
@@ -25,6 +28,19 @@ def chat_prompts(tokenizer, n: int) -> list[list[int]]:
                                              add_generation_prompt=True)
         out.append(tokenizer.encode(text))
     return out
+
+
+def task_prompts(tokenizer, kind: str, count: int, arithmetic_seed: int) -> list[list[int]]:
+    """`count` tokenized chat-templated prompts: 'chat' (`chat_prompts`), or 'arithmetic': the GRPO demo's word problems
+    (tlt.drafter_sync.prompts, the family the drafter was trained on) drawn with `arithmetic_seed`, a seed of their
+    own so that no instance was seen in training (the RL situation)."""
+    if kind == "chat":
+        return chat_prompts(tokenizer, count)
+    from tlt.drafter_sync.prompts import arithmetic_prompts
+
+    return [tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                                           add_generation_prompt=True))
+            for q in arithmetic_prompts(count, arithmetic_seed)]
 
 
 def machine() -> dict:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from benchmarks.common import chat_prompts, machine, write_json
+from benchmarks.common import ARITHMETIC_SEED, chat_prompts, machine, task_prompts, write_json
 
 
 def _records(engine, prompts: list[list[int]], sampling_params) -> list[dict]:
@@ -38,15 +38,13 @@ def run(args) -> dict:
 
     import tlt
     from tlt.drafter_sync.buffer import training_items
-    from tlt.drafter_sync.prompts import arithmetic_prompts
     from tlt.drafter_sync.training import evaluate_items, expected_tokens
     from tlt.engine.models.rope import RotaryTable
     from tlt.engine.spec.drafter import EagleDrafter
 
     engine = tlt.Engine(dtype="bfloat16", random_seed=0)
     tok, mc = engine.tokenizer, engine.model_config
-    arith = [tok.encode(tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
-                                                add_generation_prompt=True)) for q in arithmetic_prompts(16, 777)]
+    arith = task_prompts(tok, "arithmetic", 16, ARITHMETIC_SEED)
     greedy = {"temperature": 0, "max_new_tokens": args.new_tokens}
     t1 = [{"temperature": 1.0, "max_new_tokens": args.new_tokens, "sampling_seed": i} for i in range(len(arith))]
     workloads = {"chat_greedy": _records(engine, chat_prompts(tok, 16), greedy),

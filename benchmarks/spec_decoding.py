@@ -27,11 +27,10 @@ import os
 import tempfile
 import time
 
-from benchmarks.common import chat_prompts, machine, write_json
+from benchmarks.common import ARITHMETIC_SEED, machine, task_prompts, write_json
 
 DEFAULT_CONFIGS = ["3,1", "5,1", "4,2,8", "4,4,16"]
 MODES = {"greedy": {"temperature": 0.0}, "T=1": {"temperature": 1.0}}
-ARITHMETIC_SEED = 777  # drafter_eval's arithmetic workload: a seed no training set uses
 
 
 def parse_config(text: str) -> dict:
@@ -71,18 +70,6 @@ def _run(engine, prompts, bs: int, mode: str, new_tokens: int, seed: int) -> dic
             "accepted": accepted}
 
 
-def workload_prompts(tokenizer, workload: str, n: int) -> list[list[int]]:
-    """n tokenized prompts of the workload: 'chat' (open questions, benchmarks/common.py) or 'arithmetic'
-    (the GRPO demo's word problems, with a seed of their own: in no drafter's training data)."""
-    if workload == "chat":
-        return chat_prompts(tokenizer, n)
-    from tlt.drafter_sync.prompts import arithmetic_prompts
-
-    return [tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
-                                                           add_generation_prompt=True))
-            for q in arithmetic_prompts(n, ARITHMETIC_SEED)]
-
-
 def bench(model_path: str | None, drafter: str, batch_sizes: list[int], configs: list[dict], new_tokens: int,
           dtype: str, seed: int, min_prompts: int, threads: int | None = None, deterministic: bool = False,
           workload: str = "chat", log=print) -> dict:
@@ -114,7 +101,7 @@ def bench(model_path: str | None, drafter: str, batch_sizes: list[int], configs:
         tmp.cleanup()  # loaded: engines keep nothing open
     load_s = time.perf_counter() - t0
     n_prompts = max(max(batch_sizes), min_prompts)
-    prompts = workload_prompts(base.tokenizer, workload, n_prompts)
+    prompts = task_prompts(base.tokenizer, workload, n_prompts, ARITHMETIC_SEED)
     # Warm-up, untimed: first-call allocations and oneDNN kernel selection in both modes, then the largest batch at
     # full length, so that the KV cache has grown to its final size before anything is timed (as `tlt bench engine`
     # does). With the short warm-up alone, the first timed run (plain decoding, batch 1) once measured 47.4 tok/s

@@ -234,7 +234,7 @@ def test_single_layer_folders_of_the_old_layout_load(base_engine, drafter_dir, t
 def test_drafter_serve_is_bit_identical_to_forward(num_layers, B, T):
     """`EagleDrafter.serve` (one C call per layer, norms and head on the kernels) = `forward`, bit for bit: the
     feature, the float32 logits and the K/V it writes, for decode- and tree-shaped passes."""
-    from tlt.engine.models.decoder import AttentionBatch
+    from tlt.engine.models.decoder import ATTENTION_KERNEL_T, AttentionBatch
     from tlt.engine.models.model_config import ModelConfig
     from tlt.engine.models.rope import RotaryTable
 
@@ -268,8 +268,9 @@ def test_drafter_serve_is_bit_identical_to_forward(num_layers, B, T):
     h, logits = out
     assert logits.dtype == torch.float32 and torch.equal(h, h_ref) and torch.equal(logits, logits_ref)
     assert all(torch.equal(a, b) for a, b in zip(kv["forward"], kv["serve"]))
-    assert d.serve(emb.repeat(1, 5, 1), feats.repeat(1, 5, 1), positions.repeat(1, 5), rows.repeat(1, 5),
-                   slots.repeat(1, 5), mask.repeat(1, 1, 5, 1), L, ks, vs, rope) is None or T * 5 <= 16
+    if 5 * T > ATTENTION_KERNEL_T:  # more queries per sequence than the attention kernel takes: `forward`'s job
+        assert d.serve(emb.repeat(1, 5, 1), feats.repeat(1, 5, 1), positions.repeat(1, 5), rows.repeat(1, 5),
+                       slots.repeat(1, 5), mask.repeat(1, 1, 5, 1), L, ks, vs, rope) is None
 
 
 def test_tree_mask_and_selection():

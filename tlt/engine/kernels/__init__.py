@@ -356,6 +356,7 @@ def linear_amx_silu(x: torch.Tensor, packed: torch.Tensor, half: int) -> torch.T
         raise MemoryError("linear_amx_silu: no memory for the padded rows")
     return out
 
+
 ATTENTION_HEAD_DIMS = (32, 64, 128, 256)
 ATTENTION_CHUNK = 64  # queries per sequence per kernel call
 
@@ -408,7 +409,6 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, row
         if oc is not out:
             out[:, t0:t1] = oc
     return out
-
 
 
 def decoder_layer(shape: tuple, mode: int, gu_fused: bool, x: torch.Tensor, delta: torch.Tensor | None,

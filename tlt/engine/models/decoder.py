@@ -73,7 +73,9 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
 # AMX_ROWS was 32 until the whole layer became one C call (`kernels.decoder_layer`, AMX passes only): since then
 # 33-64 rows gain from it too (whole decode steps, two threads, alternating runs: batch 48 1025-1035 -> 1179-1201
 # tok/s, batch 64 1063-1135 -> 1166-1206; one thread, a tree s4k2n8 round at batch 8 = 64 rows: +9-11%), while at
-# 96-128 rows oneDNN stays as fast or faster.
+# 96-128 rows oneDNN stays as fast or faster. Passes of 33-64 rows outside the C call (prompts of 33-64 tokens,
+# prefilled through `fused_layer`) take the AMX linears too: alone, linear for linear, no faster than oneDNN's there
+# (session 8), and not timed apart since.
 BF16_KERNEL_ROWS = 4
 AMX_ROWS = 64
 
