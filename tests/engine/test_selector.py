@@ -151,6 +151,18 @@ def test_speculation_is_first_tried_at_small_batches_then_grows_upwards():
         losing.update(16, None, 16, 0.06)
     assert {arm_name(losing.choose(16)) for _ in range(10)} == {"off"}
     assert losing.count(16, TREE) == 0
+    # Close to plain at 8 (0.9x: within explore_floor, so still explored there) is not paying: not tried at 12.
+    # (Neither would 1.05x be: expand_ratio asks for 1.1x, the gain shrinking as the batch grows.)
+    close = ArmSelector([CHAIN, TREE], SelectorConfig(epsilon=1.0, cold_bucket=8), seed=0)
+    for _ in range(2):
+        close.update(8, None, 8, 0.05)
+        close.update(8, CHAIN, 12, 0.0833)  # 144 tokens/s against plain's 160
+        close.update(8, TREE, 12, 0.0833)
+        close.update(12, None, 12, 0.06)
+    assert {arm_name(close.choose(8)) for _ in range(30)} == {"off", "s3k1n4", "s4k2n8"}
+    assert {arm_name(close.choose(12)) for _ in range(30)} == {"off"}
+    close.update(8, CHAIN, 20, 0.05)  # more yield: the chain now pays at 8 (1.1x), so 12 is tried
+    assert "s3k1n4" in {arm_name(close.choose(12)) for _ in range(30)}
 
 
 def test_hopeless_arms_are_not_explored_where_exploring_is_costly():

@@ -1083,6 +1083,10 @@ class Engine:
                     tops[(b, node)] = list(zip(v[j, :n].tolist(), ix[j, :n].tolist()))
         finished: list[tuple[Sequence, dict]] = []
         emitted_total = 0
+        keep_hidden = aux is not None and self._drafter_sink is not None
+        if aux is not None and tree is None:  # one node per row: a view per row, one call for the batch
+            row_aux = aux.unbind(0)  # [1, 3H] each
+            row_hidden = hidden.unbind(0) if keep_hidden else None
         for b, s in enumerate(seqs):
             kept = 0
             reason = None
@@ -1108,10 +1112,15 @@ class Engine:
                 self.stats["spec_verify_rounds"] += 1
                 self.stats["spec_accepted_tokens"] += accepted
             if aux is not None:
-                node_aux = aux[b, paths[b][:kept]]
+                if tree is None:
+                    node_aux = row_aux[b]
+                    if keep_hidden:
+                        s.hidden_hist.append(row_hidden[b])
+                else:
+                    node_aux = aux[b, paths[b][:kept]]
+                    if keep_hidden:
+                        s.hidden_hist.append(hidden[b, paths[b][:kept]])
                 s.aux_hist.append(node_aux)
-                if self._drafter_sink is not None:
-                    s.hidden_hist.append(hidden[b, paths[b][:kept]])
                 if reason is None:
                     s.pending_tokens.extend(s.output_ids[-kept:])
                     s.pending_aux.append(node_aux)

@@ -21,7 +21,7 @@ bottleneck). Where the crossover lies depends on the hardware, the batch, and ho
   A collapse of acceptance is not left to the bandit: the engine suspends speculation itself.
 - **Speculation is first tried where it is cheap**: an arm not measured at this batch bucket is tried here
   only at a batch of at most `cold_bucket` sequences, above the nearest smaller bucket where speculation
-  held up, or if it was measured at a larger batch; otherwise it is not a candidate here at all (its round
+  paid (`expand_ratio`), or if it was measured at a larger batch; otherwise it is not a candidate here at all (its round
   time, borrowed from a much smaller batch, would be far too rosy). A
   speculative round at a large batch costs several plain ones (measured: one chain round at 256 sequences
   took 3.7 s, nine plain rounds), and speculation that loses at a small batch loses at a larger one. So a
@@ -99,6 +99,14 @@ class SelectorConfig:
     explore_floor: float = 0.7
     # Largest bucket where a speculative arm is warmed up with no evidence from smaller batches.
     cold_bucket: int = 8
+    # Above cold_bucket, speculation is tried at a bucket only where it paid at the nearest smaller bucket measured:
+    # a speculative arm's goodput there at least this multiple of plain decoding's. Its gain shrinks as the batch
+    # grows (tlt bench spec, arithmetic, greedy: 1.53x at 4, 1.20x at 8, 1.03x at 16 sequences: x0.78-0.86 per
+    # octave, ~0.9 per half-octave bucket), so speculation that only broke even below loses here; and the round
+    # times the selector learns leave out the drafter's catch-up of the tokens of earlier plain rounds, which
+    # each switch from plain to speculative pays (measured in a GRPO rollout at 32 sequences: 50-60 ms per chain
+    # round, 12-24 ms of it catch-up, against 25 ms plain). Within 1.1x of plain below: not tried here.
+    expand_ratio: float = 1.1
     max_bucket: int = 1 << 16
 
     def __post_init__(self) -> None:
@@ -229,10 +237,10 @@ class ArmSelector:
         """The arm for the next round. `allowed(arm)` excludes arms that do not fit this batch."""
         b = bucket_of(batch_size)
         # Speculation is first tried at small batches: an arm not measured here is a candidate only at
-        # <= cold_bucket sequences, above the nearest bucket where speculation held up, or when it was measured
+        # <= cold_bucket sequences, above the nearest bucket where speculation paid, or when it was measured
         # at a larger batch (trying it lower is cheaper). Otherwise its estimate, borrowed from a much smaller
         # batch, would be far too rosy (a round's cost relative to plain grows with the batch).
-        gate_open = b <= self.cfg.cold_bucket or self._speculation_held_up_below(b)
+        gate_open = b <= self.cfg.cold_bucket or self._speculation_paid_below(b)
 
         def candidate(a: Arm) -> bool:
             if a is None or gate_open or self._own_time(b, a) is not None:
@@ -267,18 +275,22 @@ class ArmSelector:
             return self.rng.choice(arms)
         return max(arms, key=lambda a: known[a])
 
-    def _speculation_held_up_below(self, bucket: int) -> bool:
-        """At the nearest smaller bucket with any measurement, some speculative arm came within
-        `explore_floor` of that bucket's best. Only the nearest: a rollout shrinks through every bucket, so
-        the range where speculation is tried grows one bucket at a time, never jumping from 8 to 256."""
+    def _speculation_paid_below(self, bucket: int) -> bool:
+        """At the nearest smaller bucket with any measurement, some speculative arm paid: its goodput at least
+        `expand_ratio` x plain decoding's there (or, with plain not measured there, within `explore_floor` of the
+        best). Only the nearest: a rollout shrinks through every bucket, so the range where speculation is tried
+        grows one bucket at a time, never jumping from 8 to 256."""
         below = [b for b, _ in self._time if b < bucket]
         if not below:
             return False
         b = max(below)
         own = {a: self._own(b, a) for a in self.arms}
-        best = max((v for v in own.values() if v is not None), default=None)
-        return bool(best) and any(a is not None and v is not None and v >= self.cfg.explore_floor * best
-                                  for a, v in own.items())
+        spec = [v for a, v in own.items() if a is not None and v is not None]
+        if not spec:
+            return False
+        if own[None] is not None:
+            return max(spec) >= self.cfg.expand_ratio * own[None]
+        return max(spec) >= self.cfg.explore_floor * max(spec)
 
     def snapshot(self) -> dict:
         """Per bucket and arm: round time (median, s), goodput estimate (tokens/s), rounds measured; and
