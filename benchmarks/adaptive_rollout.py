@@ -21,7 +21,10 @@ are in the JSON): the comparison the headline rests on then does not depend on r
 run: total time, time in the tail phase (from the first round with <= `--tail` active sequences to the end),
 tokens, the arm mix, and whether the outputs are token-identical to the no-speculation run (seeded sampling:
 they should be, up to bfloat16 near-ties). Headline keys: `speedup_total` and `speedup_tail` (adaptive vs no
-speculation) and `vs_best_static` (adaptive throughput / the best static arm's, chosen in hindsight). A PNG
+speculation) and `vs_best_static` (adaptive throughput / the best static arm's, chosen in hindsight); beside them
+`oracle_total` and `oracle_tail`: the speedup over no speculation of a selector that knew, for every batch size, the
+fastest of the static runs there (goodput from their timelines) and paid nothing to learn it, i.e. what the
+static arms allow any selector on this machine and drafter (`oracle_bound`). A PNG
 timeline (active sequences over time for every run; the adaptive run's arm per round) is written beside the
 JSON.
 """
@@ -80,7 +83,8 @@ def _run(engine, mode: str, ids, sps, tail: int, log) -> dict:
     return {"mode": mode, "total_s": total, "tail_s": (end - tail_start) if tail_start is not None else 0.0,
             "tokens": tokens, "tok_per_s": tokens / total, "rounds": len(rounds), "arm_rounds": mix,
             "accept_len": _accept_len(outs),
-            "timeline": [[round(r["t"] - start, 4), r["arm"], r["batch_size"], r["tokens"]] for r in rounds],
+            "timeline": [[round(r["t"] - start, 4), r["arm"], r["batch_size"], r["tokens"], round(r["seconds"], 5)]
+                         for r in rounds],
             "outputs": [o["output_ids"] for o in outs]}
 
 
@@ -97,6 +101,35 @@ def _generate_with_callback(engine, ids, sps, on_finish):
         return await asyncio.gather(*(one(i, sp) for i, sp in zip(ids, sps)))
 
     return asyncio.run(go())
+
+
+def oracle_bound(runs: list[dict], tail: int) -> dict:
+    """Speedup over the 'off' run of an oracle that runs, at every batch size, whichever static run ('off' or a fixed
+    arm) had the highest goodput there (tokens / seconds of its rounds at that batch size, from the timelines, whose
+    entries are [t, arm, batch size, tokens, round seconds]): each of the off run's rounds shrinks by that ratio, the
+    time outside rounds (prefill) stays. {"total", "tail"} (tail: rounds with <= `tail` sequences; None if none)."""
+    goodput: dict[int, dict[str, float]] = {}
+    for r in runs:
+        if r["mode"] == "adaptive":
+            continue
+        acc: dict[int, list[float]] = {}
+        for _, _, bs, tok, sec in r["timeline"]:
+            a = acc.setdefault(bs, [0.0, 0.0])
+            a[0] += tok
+            a[1] += sec
+        for bs, (tok, sec) in acc.items():
+            if sec > 0:
+                goodput.setdefault(bs, {})[r["mode"]] = tok / sec
+    off = next(r for r in runs if r["mode"] == "off")
+    saved = {"total": 0.0, "tail": 0.0}
+    for _, _, bs, _, sec in off["timeline"]:
+        g = goodput.get(bs, {})
+        cut = sec * (1 - g["off"] / max(g.values())) if g.get("off") else 0.0
+        saved["total"] += cut
+        if bs <= tail:
+            saved["tail"] += cut
+    base = {"total": off["total_s"], "tail": off["tail_s"]}
+    return {k: (base[k] / (base[k] - saved[k]) if base[k] > saved[k] else None) for k in base}
 
 
 def _accept_len(outs) -> float | None:
@@ -167,6 +200,7 @@ def bench(model_path, drafter: str, arms: list[str], kind: str, prompts: int, n:
         "speedup_tail": off["tail_s"] / ad["tail_s"] if ad["tail_s"] else None,
         "vs_best_static": ad["tok_per_s"] / best["tok_per_s"],
         "best_static": best["mode"],
+        **{f"oracle_{k}": v for k, v in oracle_bound(runs, tail).items()},
         "runs": [{k: v for k, v in r.items() if k != "outputs"} for r in runs],
     }
     return res
