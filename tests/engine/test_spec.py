@@ -70,6 +70,41 @@ def test_random_drafter_token_identical(base_engine, target_dir, drafter_dir, sp
     e.shutdown()
 
 
+@pytest.mark.parametrize("draft_dtype", ["auto", "bfloat16", "float32"])
+def test_drafter_dtype_beside_a_float32_target(bf16_target_dir, tmp_path, draft_dtype):
+    """auto: a bfloat16 drafter, with bfloat16 KV layers of its own, beside the float32 target wherever the bf16
+    kernels run (it then serves in a few C calls); a dtype on request. Either way the outputs are plain decoding's
+    token for token, and a swapped-in drafter takes the engine's drafter dtype."""
+    fast = kernels.linear_bf16_available()
+    want = torch.float32 if draft_dtype == "float32" or (draft_dtype == "auto" and not fast) else torch.bfloat16
+    base = tlt.Engine(bf16_target_dir, dtype="float32", random_seed=0)
+    d = str(tmp_path / "drafter")
+    EagleDrafter.random(base.model_config, seed=1, draft_vocab_size=4096).save(d)
+    e = spec_engine(bf16_target_dir, d, 3, 2, 5, speculative_draft_dtype=draft_dtype)
+    try:
+        L = e.model_config.num_layers
+        assert e.drafter_dtype == want and e.spec.drafter.fc.weight.dtype == want
+        assert e.kv.layer_dtypes == [torch.float32] * L + [want]
+        if want == torch.bfloat16 and fast:
+            assert e.spec.drafter._c_layers is not None  # the C serving path
+        for sp in ({"temperature": 0}, {"temperature": 1.0, "sampling_seed": 3, "n": 2}):
+            sp = dict(sp, max_new_tokens=20, ignore_eos=True)
+            ref = base.generate(input_ids=PROMPTS, sampling_params=sp)
+            out = e.generate(input_ids=PROMPTS, sampling_params=sp)
+            assert [o["output_ids"] for o in out] == [o["output_ids"] for o in ref]
+        assert e.get_stats()["spec_verify_rounds"] > 0
+        e.update_drafter(EagleDrafter.random(e.model_config, seed=2, draft_vocab_size=4096), version="v2")
+        assert e.spec.drafter.fc.weight.dtype == want
+        out = e.generate(input_ids=PROMPTS[:2], sampling_params={"temperature": 0, "max_new_tokens": 8})
+        assert [o["output_ids"] for o in out] == [o["output_ids"] for o in base.generate(
+            input_ids=PROMPTS[:2], sampling_params={"temperature": 0, "max_new_tokens": 8})]
+    finally:
+        e.shutdown()
+        base.shutdown()
+    with pytest.raises(ValueError, match="speculative_draft_dtype"):
+        tlt.Engine(bf16_target_dir, dtype="float32", speculative_draft_model_path=d, speculative_draft_dtype="fp8")
+
+
 class OracleDraft:
     """Replaces SpecWorker.draft: proposes the reference continuation, corrupted at a random depth, with
     wrong siblings — so rounds accept 0..all draft tokens and the accepted path is not node 1, 2, ..."""

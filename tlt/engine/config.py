@@ -48,6 +48,10 @@ class EngineConfig:
     # most this many per sequence, the newest; older positions stay invisible to the drafter's attention (the
     # target features it gets still carry them). None: all. Only draft quality depends on it, never an output.
     speculative_catchup_window: int | None = 32
+    # The drafter's dtype (tlt). auto: bfloat16 beside a float32 target on a CPU whose bf16 kernels run the drafter
+    # in a few C calls (half the bytes of a float32 drafter, which runs as torch ops), else the target's dtype. Only
+    # the proposals depend on it: every emitted token is the target's own, in the target's dtype.
+    speculative_draft_dtype: str = "auto"
     round_log_size: int = 100_000  # decode rounds kept for `get_round_log`
     weight_version: str = "default"
     torch_num_threads: int | None = None  # CPU threads for torch; default: torch's choice
@@ -56,6 +60,9 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be auto or one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.speculative_draft_dtype != "auto" and self.speculative_draft_dtype not in _DTYPES:
+            raise ValueError(f"speculative_draft_dtype must be auto or one of {sorted(_DTYPES)}, "
+                             f"got {self.speculative_draft_dtype!r}")
         if self.device == "auto":
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         dev = torch.device(self.device)

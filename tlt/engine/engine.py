@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from tlt.engine import kernels, weight_sync
-from tlt.engine.config import EngineConfig
+from tlt.engine.config import _DTYPES, EngineConfig
 from tlt.engine.detokenize import Detokenizer
 from tlt.engine.kv_cache import KVCache
 from tlt.engine.models.decoder import DecoderLM, batch_invariant_supported
@@ -137,15 +137,18 @@ class Engine:
         self.eos_token_ids = self._eos_ids(hf_config)
 
         drafter = None
+        self.drafter_dtype = self.dtype
         if cfg.speculative_algorithm is not None:
             from tlt.engine.spec.drafter import EagleDrafter
 
-            drafter = EagleDrafter.load(cfg.speculative_draft_model_path, mc, self.device, self.dtype)
+            self.drafter_dtype = self._drafter_dtype()
+            drafter = EagleDrafter.load(cfg.speculative_draft_model_path, mc, self.device, self.drafter_dtype)
             drafter.pack_weights()
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         # The drafter's K/V live in extra layers of the same cache (same rows: row moves carry them).
         self.kv = KVCache(mc, self.dtype, self.device, cfg.default_kv_bytes(weight_bytes), cfg.max_running_requests,
-                          self.context_length + margin, extra_layers=drafter.cfg.num_layers if margin else 0)
+                          self.context_length + margin, extra_layers=drafter.cfg.num_layers if margin else 0,
+                          extra_dtype=self.drafter_dtype if drafter is not None else None)
         self.runner = ModelRunner(model, self.kv, self.device)
         self.scheduler = Scheduler(self.kv, cfg.max_prefill_tokens, self.context_length, margin)
         self.spec = None
@@ -536,7 +539,7 @@ class Engine:
         from tlt.engine.spec.drafter import EagleDrafter
 
         if isinstance(drafter, str):
-            drafter = EagleDrafter.load(drafter, self.model_config, self.device, self.dtype)
+            drafter = EagleDrafter.load(drafter, self.model_config, self.device, self.drafter_dtype)
         if not isinstance(drafter, EagleDrafter):
             raise TypeError(f"update_drafter takes an EagleDrafter or a folder, not {type(drafter).__name__}")
         old = self.spec.drafter.cfg
@@ -546,7 +549,7 @@ class Engine:
             raise ValueError("the new drafter's shape (hidden size, target vocab, aux layers, layers) differs from "
                              "the engine's drafter")
         # A private copy: the caller may keep training its drafter; the engine's is frozen and packed.
-        drafter = drafter.unpacked_copy().to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
+        drafter = drafter.unpacked_copy().to(device=self.device, dtype=self.drafter_dtype).eval().requires_grad_(False)
         if not all(bool(torch.isfinite(p).all()) for p in drafter.parameters()):
             raise ValueError("the new drafter has non-finite weights")
         drafter.pack_weights()
@@ -791,6 +794,18 @@ class Engine:
                                    f"{now:.2f} accepted tokens per round vs {before:.2f} before")
             self.stats["spec_fallbacks"] += 1
             logger.warning("speculation suspended until a new drafter arrives: %s", self.spec_suspended)
+
+    def _drafter_dtype(self) -> torch.dtype:
+        """`speculative_draft_dtype`; auto: bfloat16 beside a float32 target on a CPU with the bf16 kernels (the drafter
+        then serves in a few C calls, `EagleDrafter.serve`), else the target's dtype."""
+        name = self.config.speculative_draft_dtype
+        if name != "auto":
+            return _DTYPES[name]
+        mc = self.model_config
+        if (self.dtype == torch.float32 and self.device.type == "cpu" and kernels.linear_bf16_available()
+                and kernels.attention_available(mc.head_dim)):
+            return torch.bfloat16
+        return self.dtype
 
     def _swap_drafter(self, drafter, version: str) -> None:
         """Between rounds: install `drafter`; every running row rebuilds its drafter KV from its history."""

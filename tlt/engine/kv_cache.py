@@ -28,12 +28,14 @@ class KVCache:
     """Dense per-row K/V tensors for every layer, sized on demand within `capacity_tokens`."""
 
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device, capacity_bytes: int, max_rows: int,
-                 max_len: int, extra_layers: int = 0):
+                 max_len: int, extra_layers: int = 0, extra_dtype: torch.dtype | None = None):
         self.cfg, self.dtype, self.device = cfg, dtype, torch.device(device)
-        # extra_layers: the drafter's own layer(s), kept in the same rows so that moves carry them.
+        # extra_layers: the drafter's own layer(s), kept in the same rows so that moves carry them, in
+        # `extra_dtype` (default: `dtype`; a bfloat16 drafter may serve a float32 target).
         self.num_layers = cfg.num_layers + extra_layers
+        self.layer_dtypes = [dtype] * cfg.num_layers + [extra_dtype or dtype] * extra_layers
         per_layer = 2 * cfg.num_kv_heads * cfg.head_dim
-        self.bytes_per_token = per_layer * self.num_layers * torch.empty((), dtype=dtype).element_size()
+        self.bytes_per_token = per_layer * sum(torch.empty((), dtype=d).element_size() for d in self.layer_dtypes)
         self.capacity_tokens = capacity_bytes // self.bytes_per_token
         if self.capacity_tokens < max_len:
             raise ValueError(
@@ -137,8 +139,8 @@ class KVCache:
             new_len -= _LEN_ALIGN
         shape = (new_rows, self.cfg.num_kv_heads, new_len, self.cfg.head_dim)
         old_k, old_v = self.k, self.v
-        self.k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
-        self.v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
+        self.k = [torch.zeros(shape, dtype=d, device=self.device) for d in self.layer_dtypes]
+        self.v = [torch.zeros(shape, dtype=d, device=self.device) for d in self.layer_dtypes]
         if old_k:
             # A longer reservation may leave room for fewer rows than were allocated: only rows in use
             # (compact at the front, at most `rows`) have to survive.

@@ -14,6 +14,7 @@ sibling forks carry them along.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -80,6 +81,15 @@ class SpecWorker:
         self.drafter_layers = slice(self.layer, self.layer + drafter.cfg.num_layers)
         self.aux_layers = tuple(drafter.cfg.aux_layers)
         self.device = model.embed.weight.device
+        self._ropes: dict[torch.dtype, object] = {model.rope.cos.dtype: model.rope}
+
+    def _rope(self, dtype: torch.dtype):
+        """The target's rotary table in the drafter's dtype (the same values a target of that dtype would have)."""
+        if dtype not in self._ropes:
+            rope = copy.copy(self.model.rope)
+            rope.cos, rope.sin = rope.cos.to(dtype), rope.sin.to(dtype)
+            self._ropes[dtype] = rope
+        return self._ropes[dtype]
 
     # ------------------------------------------------------------------ catch-up
     @torch.inference_mode()
@@ -104,8 +114,8 @@ class SpecWorker:
         dev = self.device
         scratch = self.kv.alloc_len - 1
         tokens = torch.zeros((B, T), dtype=torch.int64, device=dev)
-        aux = torch.zeros((B, T, 3 * self.drafter.cfg.hidden_size), dtype=self.model.embed.weight.dtype,
-                          device=dev)
+        aux = torch.zeros((B, T, 3 * self.drafter.cfg.hidden_size), dtype=self.drafter.fc.weight.dtype,
+                          device=dev)  # the target's states, in the drafter's dtype
         for b, s in enumerate(seqs):
             tokens[b, : m[b]] = torch.tensor(s.pending_tokens, dtype=torch.int64)
             aux[b, : m[b]] = torch.cat(s.pending_aux, 0)
@@ -129,13 +139,15 @@ class SpecWorker:
     def _drafter_forward(self, tokens, feats, positions, slots, mask, kv_len):
         B, T = tokens.shape
         rows = torch.arange(B, device=self.device).view(B, 1).expand(B, T)
-        emb = self.model.embed(tokens)
+        dtype = self.drafter.fc.weight.dtype  # a bfloat16 drafter may serve a float32 target
+        emb = self.model.embed(tokens).to(dtype)
+        rope = self._rope(dtype)
         k_caches, v_caches = self.kv.k[self.drafter_layers], self.kv.v[self.drafter_layers]
-        out = self.drafter.serve(emb, feats, positions, rows, slots, mask, kv_len, k_caches, v_caches, self.model.rope)
+        out = self.drafter.serve(emb, feats, positions, rows, slots, mask, kv_len, k_caches, v_caches, rope)
         if out is not None:
             return out
         batch = AttentionBatch(0, positions, mask, kv_len, rows, slots)
-        cos, sin = self.model.rope.lookup(positions)
+        cos, sin = rope.lookup(positions)
         return self.drafter(emb, feats, cos, sin, k_caches, v_caches, batch)
 
     # ------------------------------------------------------------------ draft
