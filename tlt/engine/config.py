@@ -126,6 +126,13 @@ class EngineConfig:
             return model_dtype
         return torch.bfloat16
 
+    def drafter_torch_dtype(self, target: torch.dtype, bf16_drafter_is_fast: bool) -> torch.dtype:
+        """`speculative_draft_dtype`; auto: bfloat16 beside a float32 target where `bf16_drafter_is_fast` (the
+        drafter then serves in a few C calls), else the target's dtype."""
+        if self.speculative_draft_dtype != "auto":
+            return _DTYPES[self.speculative_draft_dtype]
+        return torch.bfloat16 if target == torch.float32 and bf16_drafter_is_fast else target
+
     def default_kv_bytes(self, weight_bytes: int) -> int:
         """KV budget when none is given: a fraction of device memory left after the weights."""
         if self.kv_cache_bytes is not None:

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from tlt.engine import kernels, weight_sync
-from tlt.engine.config import _DTYPES, EngineConfig
+from tlt.engine.config import EngineConfig
 from tlt.engine.detokenize import Detokenizer
 from tlt.engine.kv_cache import KVCache
 from tlt.engine.models.decoder import DecoderLM, batch_invariant_supported
@@ -141,7 +141,10 @@ class Engine:
         if cfg.speculative_algorithm is not None:
             from tlt.engine.spec.drafter import EagleDrafter
 
-            self.drafter_dtype = self._drafter_dtype()
+            # A bfloat16 drafter beside a float32 target where the bf16 kernels serve it (EagleDrafter.serve)
+            fast = (self.device.type == "cpu" and kernels.linear_bf16_available()
+                    and kernels.attention_available(mc.head_dim))
+            self.drafter_dtype = cfg.drafter_torch_dtype(self.dtype, fast)
             drafter = EagleDrafter.load(cfg.speculative_draft_model_path, mc, self.device, self.drafter_dtype)
             drafter.pack_weights()
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -794,18 +797,6 @@ class Engine:
                                    f"{now:.2f} accepted tokens per round vs {before:.2f} before")
             self.stats["spec_fallbacks"] += 1
             logger.warning("speculation suspended until a new drafter arrives: %s", self.spec_suspended)
-
-    def _drafter_dtype(self) -> torch.dtype:
-        """`speculative_draft_dtype`; auto: bfloat16 beside a float32 target on a CPU with the bf16 kernels (the drafter
-        then serves in a few C calls, `EagleDrafter.serve`), else the target's dtype."""
-        name = self.config.speculative_draft_dtype
-        if name != "auto":
-            return _DTYPES[name]
-        mc = self.model_config
-        if (self.dtype == torch.float32 and self.device.type == "cpu" and kernels.linear_bf16_available()
-                and kernels.attention_available(mc.head_dim)):
-            return torch.bfloat16
-        return self.dtype
 
     def _swap_drafter(self, drafter, version: str) -> None:
         """Between rounds: install `drafter`; every running row rebuilds its drafter KV from its history."""
