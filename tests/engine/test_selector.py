@@ -122,6 +122,8 @@ def test_config_validation():
         SelectorConfig(policy="thompson")
     with pytest.raises(ValueError):
         SelectorConfig(warmup=5, window=2)
+    with pytest.raises(ValueError):
+        SelectorConfig(expand_ratio=-1.0)
 
 
 def test_speculation_is_first_tried_at_small_batches_then_grows_upwards():

@@ -118,6 +118,8 @@ class SelectorConfig:
             raise ValueError("selector needs 1 <= warmup <= window")
         if self.cold_bucket < 1:
             raise ValueError("selector cold_bucket must be >= 1")
+        if self.expand_ratio < 0:
+            raise ValueError("selector expand_ratio must be >= 0")
 
 
 def _cost(arm: Arm) -> tuple[int, int]:
@@ -277,20 +279,16 @@ class ArmSelector:
 
     def _speculation_paid_below(self, bucket: int) -> bool:
         """At the nearest smaller bucket with any measurement, some speculative arm paid: its goodput at least
-        `expand_ratio` x plain decoding's there (or, with plain not measured there, within `explore_floor` of the
-        best). Only the nearest: a rollout shrinks through every bucket, so the range where speculation is tried
-        grows one bucket at a time, never jumping from 8 to 256."""
+        `expand_ratio` x plain decoding's there (with plain not measured there, any measured speculative arm counts).
+        Only the nearest: a rollout shrinks through every bucket, so the range where speculation is tried grows one
+        bucket at a time, never jumping from 8 to 256."""
         below = [b for b, _ in self._time if b < bucket]
         if not below:
             return False
         b = max(below)
         own = {a: self._own(b, a) for a in self.arms}
         spec = [v for a, v in own.items() if a is not None and v is not None]
-        if not spec:
-            return False
-        if own[None] is not None:
-            return max(spec) >= self.cfg.expand_ratio * own[None]
-        return max(spec) >= self.cfg.explore_floor * max(spec)
+        return bool(spec) and (own[None] is None or max(spec) >= self.cfg.expand_ratio * own[None])
 
     def snapshot(self) -> dict:
         """Per bucket and arm: round time (median, s), goodput estimate (tokens/s), rounds measured; and
